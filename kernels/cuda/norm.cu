@@ -1,0 +1,141 @@
+// Row reductions: LayerNorm (affine optional, eps per call), RMSNorm over the full row
+// width (Wan's WanRMSNorm: normalised value rounded to x's dtype before the weight), the
+// VAE's channel RMS norm (F.normalize over dim 1 times sqrt(C)·gamma + bias, on [B, C, S]
+// with S = T·H·W), softmax over the last dim, row sum/mean/max/absmax, and the GEMM
+// epilogue fallback (bias + activation per row or per column).
+// One block per row; f32 accumulation, two passes (mean, then centred variance) so f32
+// results match a double-free CPU reference to ~1e-6. Run-time dtypes as in elementwise.cu.
+//
+// Build alone: nvcc -std=c++17 -O3 -cubin -gencode arch=compute_90a,code=sm_90a norm.cu
+#include "common.cuh"
+
+struct RowArgs {
+    int64_t rows;
+    int64_t n;           // row width
+    int64_t x_stride;    // elements between rows of x
+    int64_t out_stride;  // elements between rows of out
+    int32_t x_dtype, out_dtype, w_dtype, b_dtype;
+    int32_t has_w, has_b;
+    float eps;
+    float pad;
+};
+
+extern "C" __global__ void lava_layernorm(RowArgs a, const void* x, const void* w, const void* b, void* out) {
+    int64_t row = blockIdx.x;
+    if (row >= a.rows) return;
+    int64_t xo = row * a.x_stride, oo = row * a.out_stride;
+    float s = 0.f;
+    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) s += load_any(x, a.x_dtype, xo + j);
+    float mean = block_sum(s) / (float)a.n;
+    float v = 0.f;
+    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
+        float d = load_any(x, a.x_dtype, xo + j) - mean;
+        v += d * d;
+    }
+    float rstd = rsqrtf(block_sum(v) / (float)a.n + a.eps);
+    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
+        float y = (load_any(x, a.x_dtype, xo + j) - mean) * rstd;
+        if (a.has_w) y *= load_any(w, a.w_dtype, j);
+        if (a.has_b) y += load_any(b, a.b_dtype, j);
+        store_any(out, a.out_dtype, oo + j, y);
+    }
+}
+
+extern "C" __global__ void lava_rmsnorm(RowArgs a, const void* x, const void* w, void* out) {
+    int64_t row = blockIdx.x;
+    if (row >= a.rows) return;
+    int64_t xo = row * a.x_stride, oo = row * a.out_stride;
+    float s = 0.f;
+    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
+        float t = load_any(x, a.x_dtype, xo + j);
+        s += t * t;
+    }
+    float rstd = rsqrtf(block_sum(s) / (float)a.n + a.eps);
+    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
+        float y = round_to(a.x_dtype, load_any(x, a.x_dtype, xo + j) * rstd);
+        if (a.has_w) y *= load_any(w, a.w_dtype, j);
+        store_any(out, a.out_dtype, oo + j, y);
+    }
+}
+
+extern "C" __global__ void lava_softmax(RowArgs a, const void* x, void* out) {
+    int64_t row = blockIdx.x;
+    if (row >= a.rows) return;
+    int64_t xo = row * a.x_stride, oo = row * a.out_stride;
+    float m = -INFINITY;
+    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) m = fmaxf(m, load_any(x, a.x_dtype, xo + j));
+    m = block_max(m);
+    float s = 0.f;
+    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) s += expf(load_any(x, a.x_dtype, xo + j) - m);
+    float inv = 1.f / block_sum(s);
+    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x)
+        store_any(out, a.out_dtype, oo + j, expf(load_any(x, a.x_dtype, xo + j) - m) * inv);
+}
+
+// Channel RMS norm on contiguous [B, C, S]: one thread per (b, s), looping over C, so a warp
+// reads 32 consecutive s (coalesced). y = x / max(||x||_2, eps) * scale * gamma[c] + bias[c].
+struct ChannelArgs {
+    int64_t batch, channels, spatial;
+    int32_t x_dtype, out_dtype, w_dtype, b_dtype;
+    int32_t has_w, has_b;
+    float eps, scale;
+};
+
+extern "C" __global__ void lava_channel_rmsnorm(ChannelArgs a, const void* x, const void* w, const void* b,
+                                                void* out) {
+    int64_t total = a.batch * a.spatial;
+    for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total;
+         t += (int64_t)gridDim.x * blockDim.x) {
+        int64_t bi = t / a.spatial, si = t % a.spatial;
+        int64_t base = bi * a.channels * a.spatial + si;
+        float ss = 0.f;
+        for (int64_t c = 0; c < a.channels; ++c) {
+            float v = load_any(x, a.x_dtype, base + c * a.spatial);
+            ss += v * v;
+        }
+        float inv = a.scale / fmaxf(sqrtf(ss), a.eps);
+        for (int64_t c = 0; c < a.channels; ++c) {
+            float y = load_any(x, a.x_dtype, base + c * a.spatial) * inv;
+            if (a.has_w) y *= load_any(w, a.w_dtype, c);
+            if (a.has_b) y += load_any(b, a.b_dtype, c);
+            store_any(out, a.out_dtype, base + c * a.spatial, y);
+        }
+    }
+}
+
+// Row reductions to f32 [rows]: op 0 sum, 1 mean, 2 max, 3 max |x| (0 for an empty row).
+extern "C" __global__ void lava_reduce_rows(RowArgs a, int op, const void* x, float* out) {
+    int64_t row = blockIdx.x;
+    if (row >= a.rows) return;
+    int64_t xo = row * a.x_stride;
+    float r;
+    if (op <= 1) {
+        float s = 0.f;
+        for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) s += load_any(x, a.x_dtype, xo + j);
+        r = block_sum(s);
+        if (op == 1) r /= (float)a.n;
+    } else {
+        float m = op == 2 ? -INFINITY : 0.f;
+        for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
+            float v = load_any(x, a.x_dtype, xo + j);
+            m = fmaxf(m, op == 2 ? v : fabsf(v));
+        }
+        r = block_max(m);
+    }
+    if (threadIdx.x == 0) out[row] = r;
+}
+
+// out[r, c] = act(x[r, c] + bias[c or r]) on contiguous [rows, cols]; act 0 none, 1 GELU-tanh,
+// 2 SiLU. x and out may be the same buffer (each element is read, then written, by one thread).
+extern "C" __global__ void lava_bias_act(int64_t rows, int64_t cols, int x_dtype, int out_dtype, int bias_dtype,
+                                         int has_bias, int bias_per_row, int act, const void* x,
+                                         const void* bias, void* out) {
+    int64_t n = rows * cols;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float v = load_any(x, x_dtype, i);
+        if (has_bias) v = __fadd_rn(v, load_any(bias, bias_dtype, bias_per_row ? i / cols : i % cols));
+        if (act == 1) v = gelu_tanh_f(v);
+        else if (act == 2) v = silu_f(v);
+        store_any(out, out_dtype, i, v);
+    }
+}

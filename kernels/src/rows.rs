@@ -1,0 +1,521 @@
+//! Launchers for `cuda/norm.cu`, `cuda/rope.cu` and `cuda/conv.cu`: row norms, softmax,
+//! row reductions, the GEMM epilogue fallback, RoPE and im2col.
+
+use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::error::{DriverExt, Error, Result};
+use crate::module::{DType, In, Kernels, Out, check_len, rptr, wptr};
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct RowArgs {
+    rows: i64,
+    n: i64,
+    x_stride: i64,
+    out_stride: i64,
+    x_dtype: i32,
+    out_dtype: i32,
+    w_dtype: i32,
+    b_dtype: i32,
+    has_w: i32,
+    has_b: i32,
+    eps: f32,
+    pad: f32,
+}
+// SAFETY: plain-old-data matching `RowArgs` in norm.cu.
+unsafe impl DeviceRepr for RowArgs {}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ChannelArgs {
+    batch: i64,
+    channels: i64,
+    spatial: i64,
+    x_dtype: i32,
+    out_dtype: i32,
+    w_dtype: i32,
+    b_dtype: i32,
+    has_w: i32,
+    has_b: i32,
+    eps: f32,
+    scale: f32,
+}
+// SAFETY: plain-old-data matching `ChannelArgs` in norm.cu.
+unsafe impl DeviceRepr for ChannelArgs {}
+
+/// RoPE geometry: x `[batch, tokens, heads, 2·half_dim]` and out with their strides
+/// (batch, token, head; pairs contiguous), tables `[.., tokens, half_dim]` f32 with
+/// batch stride `t_bs` (0 shares one table) and token stride `t_ls`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RopeArgs {
+    pub batch: i64,
+    pub tokens: i64,
+    pub heads: i64,
+    pub half_dim: i64,
+    pub x_bs: i64,
+    pub x_ls: i64,
+    pub x_hs: i64,
+    pub o_bs: i64,
+    pub o_ls: i64,
+    pub o_hs: i64,
+    pub t_bs: i64,
+    pub t_ls: i64,
+    x_dtype: i32,
+    out_dtype: i32,
+}
+// SAFETY: plain-old-data matching `RopeArgs` in rope.cu.
+unsafe impl DeviceRepr for RopeArgs {}
+
+/// conv3d geometry for im2col (one batch entry).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Conv3dGeom {
+    pub c_in: i64,
+    pub input: [i64; 3],
+    pub kernel: [i64; 3],
+    pub stride: [i64; 3],
+    /// Padding before each axis.
+    pub pad: [i64; 3],
+    pub out: [i64; 3],
+}
+// SAFETY: plain-old-data matching `Conv3dArgs` in conv.cu.
+unsafe impl DeviceRepr for Conv3dGeom {}
+
+/// Row reductions to f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum = 0,
+    Mean = 1,
+    Max = 2,
+    AbsMax = 3,
+}
+
+/// Activation of the bias/activation epilogue kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None = 0,
+    GeluTanh = 1,
+    Silu = 2,
+}
+
+fn row_cfg(rows: usize) -> Result<LaunchConfig> {
+    if rows > i32::MAX as usize {
+        return Err(Error::Unsupported {
+            op: "row kernel",
+            msg: format!("{rows} rows"),
+        });
+    }
+    Ok(LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn opt_ptr(
+    b: Option<In<'_>>,
+    s: &CudaStream,
+    op: &'static str,
+    need: usize,
+) -> Result<(u64, i32, i32)> {
+    match b {
+        None => Ok((0, 0, 0)),
+        Some(i) => {
+            check_len(op, "weight/bias", need, i.dtype, i.buf.len())?;
+            let (p, _g) = rptr(i.buf, s);
+            Ok((p, i.dtype.code(), 1))
+        }
+    }
+}
+
+impl Kernels {
+    /// LayerNorm over contiguous rows `[rows, n]`, optional affine.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layer_norm(
+        &self,
+        s: &CudaStream,
+        x: In<'_>,
+        w: Option<In<'_>>,
+        b: Option<In<'_>>,
+        out: Out<'_>,
+        rows: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_len("layer_norm", "x", rows * n, x.dtype, x.buf.len())?;
+        check_len("layer_norm", "out", rows * n, out.dtype, out.buf.len())?;
+        let (wp, wd, hw) = opt_ptr(w, s, "layer_norm", n)?;
+        let (bp, bd, hb) = opt_ptr(b, s, "layer_norm", n)?;
+        let a = RowArgs {
+            rows: rows as i64,
+            n: n as i64,
+            x_stride: n as i64,
+            out_stride: n as i64,
+            x_dtype: x.dtype.code(),
+            out_dtype: out.dtype.code(),
+            w_dtype: wd,
+            b_dtype: bd,
+            has_w: hw,
+            has_b: hb,
+            eps,
+            pad: 0.0,
+        };
+        if rows == 0 {
+            return Ok(());
+        }
+        let (xp, _gx) = rptr(x.buf, s);
+        let (op_, _go) = wptr(out.buf, s);
+        let f = self.func("lava_layernorm")?;
+        let mut l = s.launch_builder(f);
+        l.arg(&a).arg(&xp).arg(&wp).arg(&bp).arg(&op_);
+        // SAFETY: arguments match lava_layernorm; lengths checked.
+        unsafe { l.launch(row_cfg(rows)?) }.w("launch lava_layernorm")?;
+        Ok(())
+    }
+
+    /// RMSNorm over contiguous rows: `round(x.dtype, x·rsqrt(mean(x²)+eps)) · w`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm(
+        &self,
+        s: &CudaStream,
+        x: In<'_>,
+        w: Option<In<'_>>,
+        out: Out<'_>,
+        rows: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_len("rms_norm", "x", rows * n, x.dtype, x.buf.len())?;
+        check_len("rms_norm", "out", rows * n, out.dtype, out.buf.len())?;
+        let (wp, wd, hw) = opt_ptr(w, s, "rms_norm", n)?;
+        let a = RowArgs {
+            rows: rows as i64,
+            n: n as i64,
+            x_stride: n as i64,
+            out_stride: n as i64,
+            x_dtype: x.dtype.code(),
+            out_dtype: out.dtype.code(),
+            w_dtype: wd,
+            has_w: hw,
+            eps,
+            ..Default::default()
+        };
+        if rows == 0 {
+            return Ok(());
+        }
+        let (xp, _gx) = rptr(x.buf, s);
+        let (op_, _go) = wptr(out.buf, s);
+        let f = self.func("lava_rmsnorm")?;
+        let mut l = s.launch_builder(f);
+        l.arg(&a).arg(&xp).arg(&wp).arg(&op_);
+        // SAFETY: arguments match lava_rmsnorm; lengths checked.
+        unsafe { l.launch(row_cfg(rows)?) }.w("launch lava_rmsnorm")?;
+        Ok(())
+    }
+
+    /// Softmax over contiguous rows `[rows, n]`.
+    pub fn softmax(
+        &self,
+        s: &CudaStream,
+        x: In<'_>,
+        out: Out<'_>,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        check_len("softmax", "x", rows * n, x.dtype, x.buf.len())?;
+        check_len("softmax", "out", rows * n, out.dtype, out.buf.len())?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let a = RowArgs {
+            rows: rows as i64,
+            n: n as i64,
+            x_stride: n as i64,
+            out_stride: n as i64,
+            x_dtype: x.dtype.code(),
+            out_dtype: out.dtype.code(),
+            ..Default::default()
+        };
+        let (xp, _gx) = rptr(x.buf, s);
+        let (op_, _go) = wptr(out.buf, s);
+        let f = self.func("lava_softmax")?;
+        let mut l = s.launch_builder(f);
+        l.arg(&a).arg(&xp).arg(&op_);
+        // SAFETY: arguments match lava_softmax; lengths checked.
+        unsafe { l.launch(row_cfg(rows)?) }.w("launch lava_softmax")?;
+        Ok(())
+    }
+
+    /// Row reduction of contiguous `[rows, n]` into f32 `[rows]`.
+    pub fn reduce_rows(
+        &self,
+        s: &CudaStream,
+        op: ReduceOp,
+        x: In<'_>,
+        out: Out<'_>,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        check_len("reduce", "x", rows * n, x.dtype, x.buf.len())?;
+        if out.dtype != DType::F32 {
+            return Err(Error::Unsupported {
+                op: "reduce",
+                msg: format!("output {:?} (f32 only)", out.dtype),
+            });
+        }
+        check_len("reduce", "out", rows, out.dtype, out.buf.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let a = RowArgs {
+            rows: rows as i64,
+            n: n as i64,
+            x_stride: n as i64,
+            out_stride: 1,
+            x_dtype: x.dtype.code(),
+            out_dtype: DType::F32.code(),
+            ..Default::default()
+        };
+        let code = op as i32;
+        let (xp, _gx) = rptr(x.buf, s);
+        let (op_, _go) = wptr(out.buf, s);
+        let f = self.func("lava_reduce_rows")?;
+        let mut l = s.launch_builder(f);
+        l.arg(&a).arg(&code).arg(&xp).arg(&op_);
+        // SAFETY: arguments match lava_reduce_rows; lengths checked.
+        unsafe { l.launch(row_cfg(rows)?) }.w("launch lava_reduce_rows")?;
+        Ok(())
+    }
+
+    /// The VAE's channel RMS norm on contiguous `[batch, c, spatial]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn channel_rms_norm(
+        &self,
+        s: &CudaStream,
+        x: In<'_>,
+        gamma: Option<In<'_>>,
+        bias: Option<In<'_>>,
+        out: Out<'_>,
+        batch: usize,
+        c: usize,
+        spatial: usize,
+        eps: f32,
+        scale: f32,
+    ) -> Result<()> {
+        let n = batch * c * spatial;
+        check_len("channel_rms_norm", "x", n, x.dtype, x.buf.len())?;
+        check_len("channel_rms_norm", "out", n, out.dtype, out.buf.len())?;
+        let (wp, wd, hw) = opt_ptr(gamma, s, "channel_rms_norm", c)?;
+        let (bp, bd, hb) = opt_ptr(bias, s, "channel_rms_norm", c)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let a = ChannelArgs {
+            batch: batch as i64,
+            channels: c as i64,
+            spatial: spatial as i64,
+            x_dtype: x.dtype.code(),
+            out_dtype: out.dtype.code(),
+            w_dtype: wd,
+            b_dtype: bd,
+            has_w: hw,
+            has_b: hb,
+            eps,
+            scale,
+        };
+        let (xp, _gx) = rptr(x.buf, s);
+        let (op_, _go) = wptr(out.buf, s);
+        let f = self.func("lava_channel_rmsnorm")?;
+        let mut l = s.launch_builder(f);
+        l.arg(&a).arg(&xp).arg(&wp).arg(&bp).arg(&op_);
+        // SAFETY: arguments match lava_channel_rmsnorm; lengths checked.
+        unsafe { l.launch(self.grid(batch * spatial)) }.w("launch lava_channel_rmsnorm")?;
+        Ok(())
+    }
+
+    /// `out = act(x + bias)` on contiguous `[rows, cols]`, bias per column (or per row with
+    /// `bias_per_row`). `x = None` works in place on `out` (x's dtype = out's dtype).
+    #[allow(clippy::too_many_arguments)]
+    pub fn bias_act(
+        &self,
+        s: &CudaStream,
+        x: Option<In<'_>>,
+        bias: Option<In<'_>>,
+        out: Out<'_>,
+        rows: usize,
+        cols: usize,
+        bias_per_row: bool,
+        act: Act,
+    ) -> Result<()> {
+        let n = rows * cols;
+        check_len("bias_act", "out", n, out.dtype, out.buf.len())?;
+        let (bp, bd, hb) = opt_ptr(bias, s, "bias_act", if bias_per_row { rows } else { cols })?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (r, c) = (rows as i64, cols as i64);
+        let (od, per_row, act) = (out.dtype.code(), bias_per_row as i32, act as i32);
+        let (op_, _go) = wptr(out.buf, s);
+        let (xp, xd, _gx) = match x {
+            Some(i) => {
+                check_len("bias_act", "x", n, i.dtype, i.buf.len())?;
+                let (p, g) = rptr(i.buf, s);
+                (p, i.dtype.code(), Some(g))
+            }
+            None => (op_, od, None),
+        };
+        let f = self.func("lava_bias_act")?;
+        let mut l = s.launch_builder(f);
+        l.arg(&r)
+            .arg(&c)
+            .arg(&xd)
+            .arg(&od)
+            .arg(&bd)
+            .arg(&hb)
+            .arg(&per_row)
+            .arg(&act);
+        l.arg(&xp).arg(&bp).arg(&op_);
+        // SAFETY: arguments match lava_bias_act; lengths checked.
+        unsafe { l.launch(self.grid(n)) }.w("launch lava_bias_act")?;
+        Ok(())
+    }
+
+    /// Interleaved-pair RoPE; `a` gives the geometry and strides (dtypes are filled in).
+    pub fn rope(
+        &self,
+        s: &CudaStream,
+        x: In<'_>,
+        cos: In<'_>,
+        sin: In<'_>,
+        out: Out<'_>,
+        mut a: RopeArgs,
+    ) -> Result<()> {
+        if cos.dtype != DType::F32 || sin.dtype != DType::F32 {
+            return Err(Error::Unsupported {
+                op: "rope",
+                msg: "cos/sin tables must be f32".into(),
+            });
+        }
+        let last = |bs: i64, ls: i64, hs: i64| -> usize {
+            ((a.batch - 1) * bs + (a.tokens - 1) * ls + (a.heads - 1) * hs + 2 * a.half_dim)
+                as usize
+        };
+        let total = (a.batch * a.tokens * a.heads * a.half_dim) as usize;
+        if total == 0 {
+            return Ok(());
+        }
+        check_len(
+            "rope",
+            "x",
+            last(a.x_bs, a.x_ls, a.x_hs),
+            x.dtype,
+            x.buf.len(),
+        )?;
+        check_len(
+            "rope",
+            "out",
+            last(a.o_bs, a.o_ls, a.o_hs),
+            out.dtype,
+            out.buf.len(),
+        )?;
+        let tl = ((a.batch - 1) * a.t_bs + (a.tokens - 1) * a.t_ls + a.half_dim) as usize;
+        check_len("rope", "cos", tl, DType::F32, cos.buf.len())?;
+        check_len("rope", "sin", tl, DType::F32, sin.buf.len())?;
+        a.x_dtype = x.dtype.code();
+        a.out_dtype = out.dtype.code();
+        let (xp, _gx) = rptr(x.buf, s);
+        let (cp, _gc) = rptr(cos.buf, s);
+        let (sp, _gs) = rptr(sin.buf, s);
+        let (op_, _go) = wptr(out.buf, s);
+        let f = self.func("lava_rope")?;
+        let mut l = s.launch_builder(f);
+        l.arg(&a).arg(&xp).arg(&cp).arg(&sp).arg(&op_);
+        // SAFETY: arguments match lava_rope; spans checked.
+        unsafe { l.launch(self.grid(total)) }.w("launch lava_rope")?;
+        Ok(())
+    }
+
+    /// im2col of one conv1d input `[c_in, l_in]` (element offset `x_off`) into
+    /// `[c_in·kernel, l_out]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn im2col1d(
+        &self,
+        s: &CudaStream,
+        x: In<'_>,
+        x_off: usize,
+        col: Out<'_>,
+        c_in: usize,
+        l_in: usize,
+        kernel: usize,
+        stride: usize,
+        pad_left: usize,
+        l_out: usize,
+        replicate: bool,
+    ) -> Result<()> {
+        if x.dtype.size() != col.dtype.size() {
+            return Err(Error::Unsupported {
+                op: "im2col1d",
+                msg: "dtype mismatch".into(),
+            });
+        }
+        check_len("im2col1d", "x", x_off + c_in * l_in, x.dtype, x.buf.len())?;
+        let n = c_in * kernel * l_out;
+        check_len("im2col1d", "col", n, col.dtype, col.buf.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let es = x.dtype.size() as i32;
+        let (xp, _gx) = rptr(x.buf, s);
+        let xp = xp + (x_off * es as usize) as u64;
+        let (cp, _gc) = wptr(col.buf, s);
+        let v = [c_in, l_in, kernel, stride, pad_left, l_out].map(|v| v as i64);
+        let rep = replicate as i32;
+        let f = self.func("lava_im2col1d")?;
+        let mut l = s.launch_builder(f);
+        l.arg(&es).arg(&xp).arg(&cp);
+        for x in &v {
+            l.arg(x);
+        }
+        l.arg(&rep);
+        // SAFETY: arguments match lava_im2col1d; lengths checked.
+        unsafe { l.launch(self.grid(n)) }.w("launch lava_im2col1d")?;
+        Ok(())
+    }
+
+    /// im2col of one conv3d input `[c_in, t, h, w]` (element offset `x_off`) into
+    /// `[c_in·kt·kh·kw, t'·h'·w']`.
+    pub fn im2col3d(
+        &self,
+        s: &CudaStream,
+        x: In<'_>,
+        x_off: usize,
+        col: Out<'_>,
+        g: &Conv3dGeom,
+    ) -> Result<()> {
+        if x.dtype.size() != col.dtype.size() {
+            return Err(Error::Unsupported {
+                op: "im2col3d",
+                msg: "dtype mismatch".into(),
+            });
+        }
+        let vin = (g.c_in * g.input.iter().product::<i64>()) as usize;
+        check_len("im2col3d", "x", x_off + vin, x.dtype, x.buf.len())?;
+        let n =
+            (g.c_in * g.kernel.iter().product::<i64>() * g.out.iter().product::<i64>()) as usize;
+        check_len("im2col3d", "col", n, col.dtype, col.buf.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let es = x.dtype.size() as i32;
+        let (xp, _gx) = rptr(x.buf, s);
+        let xp = xp + (x_off * es as usize) as u64;
+        let (cp, _gc) = wptr(col.buf, s);
+        let f = self.func("lava_im2col3d")?;
+        let mut l = s.launch_builder(f);
+        l.arg(g).arg(&es).arg(&xp).arg(&cp);
+        // SAFETY: arguments match lava_im2col3d; lengths checked.
+        unsafe { l.launch(self.grid(n)) }.w("launch lava_im2col3d")?;
+        Ok(())
+    }
+}
