@@ -1,6 +1,5 @@
-//! Host-side pieces shared by the CPU communicator: element types with a fixed
-//! reduction rule, the chunk partition, and the layout moves that turn "split or
-//! concatenate along dim d" into contiguous per-rank chunks.
+//! Host-side pieces of the CPU communicator: element types with a fixed reduction
+//! rule and the chunk partition.
 //!
 //! Reductions are deterministic: every element is reduced exactly once, by the rank
 //! that owns its chunk, in rank order 0, 1, …, world-1, with f32 accumulation for
@@ -126,33 +125,8 @@ pub fn chunk_range(n: usize, world: usize, i: usize) -> std::ops::Range<usize> {
     start..start + len
 }
 
-/// Swaps the two outer axes of a contiguous `[a, b, block]` byte array, giving
-/// `[b, a, block]`. This is the only layout move the dim-aware collectives need.
-pub fn swap01(src: &[u8], a: usize, b: usize, block: usize) -> Vec<u8> {
-    debug_assert_eq!(src.len(), a * b * block);
-    if a == 1 || b == 1 {
-        return src.to_vec();
-    }
-    let mut out = vec![0u8; src.len()];
-    for i in 0..a {
-        for j in 0..b {
-            let s = (i * b + j) * block;
-            let d = (j * a + i) * block;
-            out[d..d + block].copy_from_slice(&src[s..s + block]);
-        }
-    }
-    out
-}
-
-/// `(outer, size, inner)` of `shape` around axis `dim`: the tensor viewed as
-/// `[outer, shape[dim], inner]`.
-pub fn split_at_dim(shape: &[usize], dim: usize) -> (usize, usize, usize) {
-    let outer = shape[..dim].iter().product();
-    let inner = shape[dim + 1..].iter().product();
-    (outer, shape[dim], inner)
-}
-
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -169,15 +143,6 @@ mod tests {
                 assert_eq!(next, n);
             }
         }
-    }
-
-    #[test]
-    fn swap01_transposes_blocks() {
-        // [2, 3, block=2] with distinct bytes.
-        let src: Vec<u8> = (0..12).collect();
-        let out = swap01(&src, 2, 3, 2);
-        assert_eq!(out, vec![0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]);
-        assert_eq!(swap01(&out, 3, 2, 2), src);
     }
 
     #[test]

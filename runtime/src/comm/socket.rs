@@ -552,7 +552,7 @@ impl SocketComm {
     /// m-element chunk, with the same determinism as [`Self::all_reduce_slice`].
     pub fn reduce_scatter_slice<T: Reducible>(&self, input: &[T], op: ReduceOp) -> Result<Vec<T>> {
         let w = self.world;
-        if input.len() % w != 0 {
+        if !input.len().is_multiple_of(w) {
             return Err(self.err(
                 "reduce_scatter",
                 CommErrorKind::InvalidArgument(format!(
@@ -623,7 +623,7 @@ impl SocketComm {
     /// the chunks received from ranks 0, 1, … in order.
     pub fn all_to_all_bytes(&self, input: &[u8]) -> Result<Vec<u8>> {
         let w = self.world;
-        if input.len() % w != 0 {
+        if !input.len().is_multiple_of(w) {
             return Err(self.err(
                 "all_to_all",
                 CommErrorKind::InvalidArgument(format!(

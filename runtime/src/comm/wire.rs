@@ -250,6 +250,7 @@ pub fn tune(stream: &TcpStream) -> io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
