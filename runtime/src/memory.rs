@@ -258,6 +258,7 @@ impl Drop for CategoryScope {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

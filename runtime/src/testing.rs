@@ -184,6 +184,7 @@ macro_rules! test_device {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -146,6 +146,19 @@ fn pod_vec<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
     v
 }
 
+/// A new f32 output buffer: NaN-filled when [`super::poison_outputs`] is on, else zeros.
+/// Only for outputs whose every element the op assigns (never for accumulators).
+pub(crate) fn out_vec(n: usize) -> Vec<f32> {
+    vec![
+        if super::poison_outputs() {
+            f32::NAN
+        } else {
+            0.0
+        };
+        n
+    ]
+}
+
 fn f32s_opt(s: Option<&CpuStorage>) -> Option<Cow<'_, [f32]>> {
     s.map(CpuStorage::f32s)
 }

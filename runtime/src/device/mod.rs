@@ -27,6 +27,19 @@ pub use cuda::CudaStorage;
 
 use crate::{DType, Result};
 
+static POISON_OUTPUTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Make backends fill every newly allocated output buffer with NaN before an op writes it,
+/// so elements an op forgets to write show up in tests (process-wide; for tests).
+pub fn set_poison_outputs(on: bool) {
+    POISON_OUTPUTS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether new output buffers must be NaN-filled (see [`set_poison_outputs`]).
+pub fn poison_outputs() -> bool {
+    POISON_OUTPUTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Where a tensor lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Device {

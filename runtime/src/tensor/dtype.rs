@@ -156,6 +156,7 @@ with_dtype!(f16, F16, f16::to_f32, f16::from_f32);
 with_dtype!(F8E4M3, F8E4M3, F8E4M3::to_f32, F8E4M3::from_f32);
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -66,7 +66,7 @@ impl Tensor {
         }
         let mut dims = self.dims().to_vec();
         dims[dim] = len;
-        let out = Tensor::zeros(dims, self.dtype(), &self.device())?.with_scale_of(self);
+        let out = Tensor::uninit(dims, self.dtype(), &self.device())?.with_scale_of(self);
         {
             let src = self.storage()?;
             let mut dst = out.storage_mut()?;
@@ -135,7 +135,7 @@ impl Tensor {
                 });
             }
         }
-        let out = Tensor::zeros(dims, first.dtype(), &first.device())?.with_scale_of(first);
+        let out = Tensor::uninit(dims, first.dtype(), &first.device())?.with_scale_of(first);
         let mut at = 0;
         for p in parts {
             out.slice_set(p, dim, at)?;

@@ -293,6 +293,7 @@ impl Tensor {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn conv_common(
         &self,
         op: &'static str,

@@ -107,6 +107,16 @@ impl Tensor {
         Ok(Self::wrap(storage, shape, alloc, 1.0))
     }
 
+    /// A buffer the caller will overwrite completely: zeros, or NaN while
+    /// [`crate::device::set_poison_outputs`] is on.
+    pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Self> {
+        let t = Self::zeros(shape, dtype, device)?;
+        if crate::device::poison_outputs() {
+            t.poison()?;
+        }
+        Ok(t)
+    }
+
     /// Every element `value` rounded to `dtype`.
     pub fn full(
         value: f32,

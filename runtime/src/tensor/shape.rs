@@ -181,6 +181,7 @@ tuple_shape!(A, B, C, D, E);
 tuple_shape!(A, B, C, D, E, F);
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -8,7 +8,7 @@ use crate::device::AttnSpec;
 
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], bias: Option<&[f32]>, s: &AttnSpec) -> Vec<f32> {
     let (h, d, lq, lk) = (s.heads, s.head_dim, s.lq, s.lk);
-    let mut out = vec![0f32; s.batch * lq * h * d];
+    let mut out = super::out_vec(s.batch * lq * h * d);
     if h * d == 0 {
         return out;
     }

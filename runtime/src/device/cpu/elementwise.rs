@@ -60,7 +60,7 @@ fn for_rows(
     for (l, s) in last.iter_mut().zip(&layout.strides) {
         *l = s.last().copied().unwrap_or(0);
     }
-    let mut out = vec![0f32; total];
+    let mut out = super::out_vec(total);
     out.par_chunks_mut(cols)
         .enumerate()
         .for_each(|(row, dst)| f(dst, row_bases(layout, row), last));

@@ -51,7 +51,7 @@ pub fn gemm(a: &[f32], b: &[f32], bias: Option<&[f32]>, s: &GemmSpec) -> Vec<f32
             }
         })
         .collect();
-    let mut out = vec![0f32; s.batch * m * n];
+    let mut out = super::out_vec(s.batch * m * n);
     if n == 0 {
         return out;
     }
@@ -74,7 +74,7 @@ pub fn conv1d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &Conv1dSpec) -> Vec
     let l_out = s.l_out();
     let (cig, cog) = (s.c_in / s.groups, s.c_out / s.groups);
     let l_in = s.l_in as isize;
-    let mut out = vec![0f32; s.batch * s.c_out * l_out];
+    let mut out = super::out_vec(s.batch * s.c_out * l_out);
     if l_out == 0 {
         return out;
     }
@@ -113,7 +113,7 @@ pub fn conv3d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &Conv3dSpec) -> Vec
     let [kt, kh, kw] = s.kernel;
     let plane = ot * oh * ow;
     let ksz = s.c_in * kt * kh * kw;
-    let mut out = vec![0f32; s.batch * s.c_out * plane];
+    let mut out = super::out_vec(s.batch * s.c_out * plane);
     if plane == 0 {
         return out;
     }

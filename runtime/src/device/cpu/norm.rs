@@ -12,7 +12,7 @@ pub fn layer_norm(
     cols: usize,
     eps: f32,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
+    let mut out = super::out_vec(rows * cols);
     if cols == 0 {
         return out;
     }
@@ -44,7 +44,7 @@ pub fn rms_norm(
     eps: f32,
     mid: DType,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
+    let mut out = super::out_vec(rows * cols);
     if cols == 0 {
         return out;
     }
@@ -89,7 +89,7 @@ pub fn channel_rms_norm(
             }
         });
     let scale = (c as f32).sqrt();
-    let mut out = vec![0f32; n * c * s];
+    let mut out = super::out_vec(n * c * s);
     out.par_chunks_mut(s.max(1))
         .enumerate()
         .for_each(|(r, dst)| {
@@ -118,7 +118,7 @@ pub fn rope_interleaved(
     h: usize,
     d: usize,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; b * l * h * d];
+    let mut out = super::out_vec(b * l * h * d);
     let half = d / 2;
     if h * d == 0 {
         return out;
