@@ -12,6 +12,9 @@
 7. Sensitivity: each listed deviation from the spec moves the outputs by more than the Rust
    tolerance (rel L2 1e-5), so the golden tests can catch it.
 8. bf16 mode runs and stays close to float32.
+9. Optional, when installed: the schedule and the Euler step equal diffusers'
+   FlowMatchEulerDiscreteScheduler bit for bit, and the merged weights equal PEFT's
+   merge_and_unload (peft 0.17.1, as pinned by LiveAvatar) bit for bit.
 Exits non-zero on the first failure.
 """
 
@@ -55,11 +58,12 @@ def model(dtype=torch.float32, lora=True):
                       lo["alpha"], lo["rank"], dtype)
 
 
-def run(m) -> "object":
+def run(m, reprefill: bool = True) -> "object":
     s, sm = FULL["stream"], FULL["sampler"]
     with torch.no_grad():
         return generate(m, make_inputs(FULL), sm["sample_steps"], sm["shift"],
-                        s["frames_per_block"], s["blocks_per_clip"], s["ring_frames"])
+                        s["frames_per_block"], s["blocks_per_clip"], s["ring_frames"],
+                        reprefill=reprefill)
 
 
 def all_v(res) -> torch.Tensor:
@@ -182,7 +186,7 @@ def patched(obj, name, value):
 
 def check_sensitivity(golden) -> None:
     m = model()
-    base_rope, base_head = ref.rope_factors, ref.LiveAvatarDiT.unpatchify
+    base_rope = ref.rope_factors
 
     def rope_no_fp16(pos, d, theta=10000.0, mx=45000):
         cos, sin = _exact_factors(pos, d)
@@ -212,7 +216,91 @@ def check_sensitivity(golden) -> None:
     print(f"info AdaLN eps 1e-6 instead of 1e-5: rel L2 {e:.2e} (below tolerance)")
     e = rel_l2(all_v(run(model(lora=False))), golden)
     check(e > TOL, f"sensitivity: LoRA not merged: rel L2 {e:.2e}")
-    del base_head
+    e = rel_l2(all_v(run(m, reprefill=False)), golden)
+    check(e > TOL, f"sensitivity: no clip-1 re-prefill: rel L2 {e:.2e}")
+    orig_text = ref.LiveAvatarDiT.embed_text
+    with patched(ref.LiveAvatarDiT, "embed_text",
+                 lambda self, ctx: orig_text(self, ctx)[:, : ctx.shape[0]]):
+        e = rel_l2(all_v(run(m)), golden)
+    check(e > TOL, f"sensitivity: text padding rows masked out: rel L2 {e:.2e}")
+    # Weight permutations that equal a different reading of an ordering in the spec.
+    d, n = m.cfg.dim, m.cfg.num_audio_token
+    for label, fn in {
+        "AdaLN halves read as (scale, shift)": _swap_adain,
+        "audio local channels grouped (c, n) instead of (n, c)": _interleave_audio,
+        "modulation chunks 0/1 swapped (scale before shift)": _swap_mod,
+    }.items():
+        mm = model()
+        with torch.no_grad():
+            fn(mm, d, n)
+        e = rel_l2(all_v(run(mm)), golden)
+        check(e > TOL, f"sensitivity: {label}: rel L2 {e:.2e}")
+
+
+def _swap_halves(t: torch.Tensor, d: int) -> None:
+    t.copy_(torch.cat([t[d:2 * d], t[:d], t[2 * d:]]))
+
+
+def _swap_adain(m, d, n) -> None:
+    for a in m.audio_injector.injector_adain_layers:
+        _swap_halves(a.linear.weight, d)
+        _swap_halves(a.linear.bias, d)
+
+
+def _interleave_audio(m, d, n) -> None:
+    conv = m.casual_audio_encoder.encoder.conv1_local.conv
+    idx = torch.arange(n * (d // 4)).reshape(d // 4, n).T.reshape(-1)
+    conv.weight.copy_(conv.weight[idx])
+    conv.bias.copy_(conv.bias[idx])
+
+
+def _swap_mod(m, d, n) -> None:
+    for b in m.blocks:
+        b.modulation.copy_(b.modulation[:, [1, 0, 2, 3, 4, 5]])
+    _swap_halves(m.time_projection[1].weight, d)
+    _swap_halves(m.time_projection[1].bias, d)
+
+
+def check_against_libraries() -> None:
+    try:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+    except ImportError:
+        print("skip diffusers not installed")
+    else:
+        from pipeline import euler_step
+        g = torch.Generator().manual_seed(3)
+        for n in (1, 2, 3, 4, 8, 40):
+            sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+            sch.set_timesteps(n)
+            t, s = flow_match_schedule(n, 3.0)
+            if not (torch.equal(sch.timesteps.float(), t) and torch.equal(sch.sigmas.float(), s)):
+                check(False, f"diffusers schedule for {n} steps")
+        same = True
+        for dt in (torch.bfloat16, torch.float32):
+            for i in range(4):
+                sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+                sch.set_timesteps(4)
+                sch._step_index = i
+                x, v = (torch.randn(16, 3, 8, 16, generator=g).to(dt) for _ in range(2))
+                out = sch.step(v, sch.timesteps[i], x, return_dict=False)[0]
+                same &= torch.equal(out, euler_step(x, v, sch.sigmas[i], sch.sigmas[i + 1]))
+        check(same, "schedule and Euler step (bf16 and f32) equal diffusers bit for bit")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        print("skip peft not installed")
+        return
+    lo = FULL["lora"]
+    m = load_model(FIX / "checkpoint", None, dtype=torch.bfloat16)
+    pm = get_peft_model(m, LoraConfig(r=lo["rank"], lora_alpha=lo["alpha"],
+                                      target_modules=lo["targets"]))
+    lora = load_file(str(FIX / "lora" / "liveavatar.safetensors"))
+    _, unexpected = pm.load_state_dict({"base_model.model." + k: v for k, v in lora.items()},
+                                       strict=False)
+    merged = pm.merge_and_unload().state_dict()
+    want = load_file(str(FIX / "lora_merged.safetensors"))
+    ok = not unexpected and all(torch.equal(merged[k], w) for k, w in want.items())
+    check(ok, f"merged weights equal PEFT merge_and_unload bit for bit ({len(want)} linears)")
 
 
 def main() -> None:
@@ -231,6 +319,7 @@ def main() -> None:
     e = rel_l2(torch.cat([x.float().flatten() for x in res16.latents]),
                torch.cat([x.flatten() for x in res.latents]))
     check(e < 5e-2, f"bf16 mode: final latents within rel L2 {e:.2e} of float32")
+    check_against_libraries()
     print("all reference checks passed")
 
 

@@ -73,9 +73,10 @@ class StreamResult:
 
 def generate(model: LiveAvatarDiT, inp: StreamInputs, steps: int = 4, shift: float = 3.0,
              frames_per_block: int = 3, blocks_per_clip: int = 4, ring_frames: int = 12,
-             record: set | None = None) -> StreamResult:
+             record: set | None = None, reprefill: bool = True) -> StreamResult:
     """TPP streaming generation: prefill at clip 0, re-prefill at clip 1 with the first latent
-    frame of clip 0 block 0's denoised output (§4.6), 4 step-caches, Euler per block."""
+    frame of clip 0 block 0's denoised output (§4.6), 4 step-caches, Euler per block.
+    reprefill=False keeps the clip-0 sink (single-GPU default path, §6.8)."""
     timesteps, sigmas = flow_match_schedule(steps, shift)
     _, _, h, w = inp.ref_latent.shape
     fsl = (h // 2) * (w // 2)
@@ -85,9 +86,9 @@ def generate(model: LiveAvatarDiT, inp: StreamInputs, steps: int = 4, shift: flo
     res = StreamResult()
     sink_ref = inp.ref_latent
     for r, nblocks in enumerate(inp.blocks):
-        if r == 1:
-            sink_ref = res.latents[0][:, :1]
-        if r <= 1:
+        if r == 0 or (r == 1 and reprefill):
+            if r == 1:
+                sink_ref = res.latents[0][:, :1]
             for cache in caches:
                 model.prefill(cache, sink_ref, inp.motion_latents, text)
             res.prefill_kv[r] = ([k.clone() for k in caches[0].cond_k],
