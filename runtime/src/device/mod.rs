@@ -100,6 +100,8 @@ impl Storage {
 pub enum UnaryOp {
     /// 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), torch `gelu(approximate="tanh")`.
     GeluTanh,
+    /// 0.5·x·(1 + erf(x/√2)), torch's exact `gelu` (wav2vec2).
+    Gelu,
     /// x·sigmoid(x) = x / (1 + e^(−x)).
     Silu,
     Exp,
@@ -113,6 +115,11 @@ pub enum UnaryOp {
     Affine {
         mul: f32,
         add: f32,
+    },
+    /// min(max(x, min), max) (the VAE's output clamp to [−1, 1]).
+    Clamp {
+        min: f32,
+        max: f32,
     },
 }
 

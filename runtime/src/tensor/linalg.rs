@@ -1,7 +1,7 @@
 //! GEMMs, convolutions, attention and rotary embedding on tensors.
 
-use super::Tensor;
 use super::ops::{Pick, dispatch, expect_shape, not_fp8, same_device};
+use super::{ReadAll, Tensor};
 use crate::device::{
     AttnSpec, BackendStorage, Conv1dSpec, Conv3dSpec, CpuStorage, CudaStorage, Epilogue, GemmSpec,
     PadMode, Storage,
@@ -72,13 +72,12 @@ impl Tensor {
             not_fp8("gemm bias", &[bias])?;
             expect_shape("gemm bias", bias, &Shape::from(spec.n))?;
         }
-        let (sa, sb) = (self.storage()?, b.storage()?);
-        let sbias = bias.map(|t| t.storage()).transpose()?;
+        let g = ReadAll::new(&[Some(self), Some(b), bias])?;
         let out = spec.out;
         Tensor::produce(&self.device(), out_shape, out, 1.0, || {
-            Ok(dispatch!(&*sa, |x: S| x.gemm(
-                S::pick(&sb)?,
-                S::pick_opt(sbias.as_deref())?,
+            Ok(dispatch!(g.get(0)?, |x: S| x.gemm(
+                S::pick(g.get(1)?)?,
+                S::pick_opt(g.opt(2)?)?,
                 &spec
             )))
         })
@@ -313,10 +312,9 @@ impl Tensor {
             expect_shape(op, b, &Shape::from(c_out))?;
         }
         let out = Shape::from(out_dims);
-        let (sx, sw) = (self.storage()?, w.storage()?);
-        let sb = bias.map(|t| t.storage()).transpose()?;
+        let g = ReadAll::new(&[Some(self), Some(w), bias])?;
         Tensor::produce(&self.device(), out, out_dtype, 1.0, || {
-            f(&sx, &sw, sb.as_deref())
+            f(g.get(0)?, g.get(1)?, g.opt(2)?)
         })
     }
 
@@ -369,13 +367,12 @@ impl Tensor {
             bias_shared_over_batch: shared,
             out,
         };
-        let (sq, sk, sv) = (self.storage()?, k.storage()?, v.storage()?);
-        let sb = bias.map(|t| t.storage()).transpose()?;
+        let g = ReadAll::new(&[Some(self), Some(k), Some(v), bias])?;
         Tensor::produce(&self.device(), self.shape().clone(), out, 1.0, || {
-            Ok(dispatch!(&*sq, |x: S| x.attention(
-                S::pick(&sk)?,
-                S::pick(&sv)?,
-                S::pick_opt(sb.as_deref())?,
+            Ok(dispatch!(g.get(0)?, |x: S| x.attention(
+                S::pick(g.get(1)?)?,
+                S::pick(g.get(2)?)?,
+                S::pick_opt(g.opt(3)?)?,
                 &spec
             )))
         })
@@ -404,11 +401,11 @@ impl Tensor {
                 });
             }
         }
-        let (sx, sc, ss) = (self.storage()?, cos.storage()?, sin.storage()?);
+        let g = ReadAll::new(&[Some(self), Some(cos), Some(sin)])?;
         Tensor::produce(&self.device(), self.shape().clone(), out, 1.0, || {
-            Ok(dispatch!(&*sx, |x: S| x.rope_interleaved(
-                S::pick(&sc)?,
-                S::pick(&ss)?,
+            Ok(dispatch!(g.get(0)?, |x: S| x.rope_interleaved(
+                S::pick(g.get(1)?)?,
+                S::pick(g.get(2)?)?,
                 b,
                 l,
                 h,

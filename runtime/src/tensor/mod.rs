@@ -415,6 +415,46 @@ impl Tensor {
     }
 }
 
+/// Read guards over several operands, locking each distinct buffer once, so an op whose
+/// operands alias (`x.mul(&x)`) never read-locks one `RwLock` twice on one thread.
+pub(crate) struct ReadAll<'a> {
+    guards: Vec<RwLockReadGuard<'a, Storage>>,
+    slot: Vec<Option<usize>>,
+}
+
+impl<'a> ReadAll<'a> {
+    pub(crate) fn new(ts: &[Option<&'a Tensor>]) -> Result<Self> {
+        let mut owners: Vec<&'a Tensor> = Vec::new();
+        let mut guards = Vec::new();
+        let mut slot = Vec::with_capacity(ts.len());
+        for t in ts {
+            slot.push(match t {
+                None => None,
+                Some(t) => Some(match owners.iter().position(|o| o.same_storage(t)) {
+                    Some(i) => i,
+                    None => {
+                        owners.push(t);
+                        guards.push(t.storage()?);
+                        guards.len() - 1
+                    }
+                }),
+            });
+        }
+        Ok(Self { guards, slot })
+    }
+    /// Operand `i`, which must have been given as `Some`.
+    pub(crate) fn get(&self, i: usize) -> Result<&Storage> {
+        self.opt(i)?
+            .ok_or_else(|| Error::invalid("ReadAll::get", format!("operand {i} is absent")))
+    }
+    pub(crate) fn opt(&self, i: usize) -> Result<Option<&Storage>> {
+        match self.slot.get(i) {
+            Some(s) => Ok(s.map(|k| &*self.guards[k])),
+            None => Err(Error::invalid("ReadAll::opt", format!("no operand {i}"))),
+        }
+    }
+}
+
 impl Storage {
     fn fill_value(&mut self, v: f32) -> Result<()> {
         match self {

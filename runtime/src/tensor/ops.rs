@@ -6,7 +6,7 @@
 //! Binary/ternary ops promote like torch (equal dtypes stay, mixed → f32) unless an explicit
 //! `out` is given. fp8 tensors are rejected by compute ops other than casts and GEMMs.
 
-use super::{Shape, Tensor, track};
+use super::{ReadAll, Shape, Tensor, track};
 use crate::device::{
     BackendStorage, BinaryOp, BroadcastLayout, CpuStorage, CudaStorage, ReduceOp, Storage,
     TernaryOp, UnaryOp,
@@ -165,6 +165,13 @@ impl Tensor {
     pub fn gelu_tanh(&self) -> Result<Tensor> {
         self.unary(UnaryOp::GeluTanh)
     }
+    /// Exact (erf) GELU, as wav2vec2 uses.
+    pub fn gelu(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Gelu)
+    }
+    pub fn clamp(&self, min: f32, max: f32) -> Result<Tensor> {
+        self.unary(UnaryOp::Clamp { min, max })
+    }
     pub fn silu(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Silu)
     }
@@ -213,10 +220,10 @@ impl Tensor {
         same_device("binary", &[self, rhs])?;
         not_fp8("binary", &[self, rhs])?;
         let layout = Self::layout_for("binary", &[self, rhs])?;
-        let (a, b) = (self.storage()?, rhs.storage()?);
+        let g = ReadAll::new(&[Some(self), Some(rhs)])?;
         Tensor::produce(&self.device(), layout.dims.clone().into(), out, 1.0, || {
-            Ok(dispatch!(&*a, |x: S| x.binary(
-                S::pick(&b)?,
+            Ok(dispatch!(g.get(0)?, |x: S| x.binary(
+                S::pick(g.get(1)?)?,
                 op,
                 &layout,
                 out
@@ -249,11 +256,11 @@ impl Tensor {
         same_device("ternary", &[self, b, c])?;
         not_fp8("ternary", &[self, b, c])?;
         let layout = Self::layout_for("ternary", &[self, b, c])?;
-        let (sa, sb, sc) = (self.storage()?, b.storage()?, c.storage()?);
+        let g = ReadAll::new(&[Some(self), Some(b), Some(c)])?;
         Tensor::produce(&self.device(), layout.dims.clone().into(), out, 1.0, || {
-            Ok(dispatch!(&*sa, |x: S| x.ternary(
-                S::pick(&sb)?,
-                S::pick(&sc)?,
+            Ok(dispatch!(g.get(0)?, |x: S| x.ternary(
+                S::pick(g.get(1)?)?,
+                S::pick(g.get(2)?)?,
                 op,
                 &layout,
                 out
@@ -332,13 +339,11 @@ impl Tensor {
         for p in weight.iter().chain(bias.iter()) {
             expect_shape("layer_norm", p, &Shape::from(cols))?;
         }
-        let a = self.storage()?;
-        let w = weight.map(|t| t.storage()).transpose()?;
-        let b = bias.map(|t| t.storage()).transpose()?;
+        let g = ReadAll::new(&[Some(self), weight, bias])?;
         Tensor::produce(&self.device(), self.shape().clone(), out, 1.0, || {
-            Ok(dispatch!(&*a, |x: S| x.layer_norm(
-                S::pick_opt(w.as_deref())?,
-                S::pick_opt(b.as_deref())?,
+            Ok(dispatch!(g.get(0)?, |x: S| x.layer_norm(
+                S::pick_opt(g.opt(1)?)?,
+                S::pick_opt(g.opt(2)?)?,
                 rows,
                 cols,
                 eps,
@@ -359,11 +364,10 @@ impl Tensor {
         if let Some(w) = weight {
             expect_shape("rms_norm", w, &Shape::from(cols))?;
         }
-        let a = self.storage()?;
-        let w = weight.map(|t| t.storage()).transpose()?;
+        let g = ReadAll::new(&[Some(self), weight])?;
         Tensor::produce(&self.device(), self.shape().clone(), out, 1.0, || {
-            Ok(dispatch!(&*a, |x: S| x.rms_norm(
-                S::pick_opt(w.as_deref())?,
+            Ok(dispatch!(g.get(0)?, |x: S| x.rms_norm(
+                S::pick_opt(g.opt(1)?)?,
                 rows,
                 cols,
                 eps,
@@ -397,12 +401,11 @@ impl Tensor {
         for p in std::iter::once(gamma).chain(bias) {
             expect_shape("channel_rms_norm", p, &Shape::from(c))?;
         }
-        let (a, g) = (self.storage()?, gamma.storage()?);
-        let b = bias.map(|t| t.storage()).transpose()?;
+        let g = ReadAll::new(&[Some(self), Some(gamma), bias])?;
         Tensor::produce(&self.device(), self.shape().clone(), out, 1.0, || {
-            Ok(dispatch!(&*a, |x: S| x.channel_rms_norm(
-                S::pick(&g)?,
-                S::pick_opt(b.as_deref())?,
+            Ok(dispatch!(g.get(0)?, |x: S| x.channel_rms_norm(
+                S::pick(g.get(1)?)?,
+                S::pick_opt(g.opt(2)?)?,
                 n,
                 c,
                 s,

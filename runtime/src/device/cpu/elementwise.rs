@@ -10,6 +10,47 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
 }
 
+/// erf in f64: Taylor series below 3 (≈1e-13 relative), continued fraction of erfc above.
+pub fn erf(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 3.0 {
+        let (x2, mut term, mut sum) = (a * a, a, a);
+        for n in 1..200 {
+            term *= -x2 / n as f64;
+            let t = term / (2 * n + 1) as f64;
+            sum += t;
+            if t.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        sum * std::f64::consts::FRAC_2_SQRT_PI
+    } else {
+        1.0 - erfc_large(a)
+    };
+    r.copysign(x)
+}
+
+/// erfc(x) for x ≥ 3 by the continued fraction x + (1/2)/(x + 1/(x + (3/2)/(x + …))).
+fn erfc_large(x: f64) -> f64 {
+    let mut t = x;
+    for k in (1..=60).rev() {
+        t = x + (k as f64 / 2.0) / t;
+    }
+    (-x * x).exp() / (std::f64::consts::PI.sqrt() * t)
+}
+
+/// torch's exact GELU: computed in f64 through erf/erfc (for accuracy of the negative tail),
+/// rounded to f32.
+pub fn gelu_erf(x: f32) -> f32 {
+    let z = x as f64 / std::f64::consts::SQRT_2;
+    let cdf = if z < -3.0 {
+        0.5 * erfc_large(-z)
+    } else {
+        0.5 * (1.0 + erf(z))
+    };
+    (x as f64 * cdf) as f32
+}
+
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
@@ -17,6 +58,7 @@ pub fn silu(x: f32) -> f32 {
 fn unary_fn(op: UnaryOp) -> impl Fn(f32) -> f32 + Sync {
     move |x| match op {
         UnaryOp::GeluTanh => gelu_tanh(x),
+        UnaryOp::Gelu => gelu_erf(x),
         UnaryOp::Silu => silu(x),
         UnaryOp::Exp => x.exp(),
         UnaryOp::Neg => -x,
@@ -26,6 +68,7 @@ fn unary_fn(op: UnaryOp) -> impl Fn(f32) -> f32 + Sync {
         UnaryOp::Recip => 1.0 / x,
         UnaryOp::Tanh => x.tanh(),
         UnaryOp::Affine { mul, add } => x * mul + add,
+        UnaryOp::Clamp { min, max } => x.max(min).min(max),
     }
 }
 
@@ -140,4 +183,28 @@ pub fn softmax(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         out.par_chunks_mut(cols).for_each(softmax_row);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_tabulated_values() {
+        for (x, want) in [
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.0, 0.995_322_265_018_952_7),
+            (2.9, 0.999_958_902_121_900_5),
+            (-1.0, -0.842_700_792_949_714_9),
+        ] {
+            assert!((erf(x) - want).abs() < 1e-13, "erf({x}) = {}", erf(x));
+        }
+        for (x, want) in [
+            (3.0, 2.209_049_699_858_544e-5),
+            (4.0, 1.541_725_790_028_002e-8),
+        ] {
+            assert!(((erfc_large(x) - want) / want).abs() < 1e-10, "erfc({x})");
+        }
+    }
 }
