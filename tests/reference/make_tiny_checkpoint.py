@@ -67,8 +67,7 @@ def main() -> None:
     _, reread = load_folder(ckpt)
     merged = merge_lora(reread, lora, alpha, rank)
     out = {n + ".weight": merged[n + ".weight"] for n in lora_targets(model)}
-    save_file(out, str(args.out / "lora_merged.safetensors"),
-              metadata={"rank": str(rank), "alpha": str(alpha), "scale": str(alpha / rank)})
+    save_file(out, str(args.out / "lora_merged.safetensors"))
     n_params = sum(v.numel() for v in state.values())
     print(f"checkpoint: {len(state)} tensors, {n_params} parameters; "
           f"LoRA: {len(lora)} tensors over {len(out)} linears (rank {rank}, alpha {alpha})")
