@@ -40,7 +40,7 @@ def random_init_(model: LiveAvatarDiT, gen: torch.Generator) -> None:
     """
     with torch.no_grad():
         for name, p in model.named_parameters():
-            n = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            n = torch.randn(p.shape, generator=gen, dtype=torch.float32, device=gen.device)
             if name.endswith(".bias") and "norm" not in name:
                 v = 0.1 * n
             elif name.endswith("norm3.bias"):
@@ -55,7 +55,7 @@ def random_init_(model: LiveAvatarDiT, gen: torch.Generator) -> None:
                 v = n / math.sqrt(fan_in)
             else:
                 v = 0.5 * n
-            p.copy_(v.to(torch.bfloat16).to(p.dtype))
+            p.copy_(v.to(torch.bfloat16).to(p.dtype).to(p.device))
 
 
 def save_sharded(state: dict[str, torch.Tensor], folder: Path, config: dict,
