@@ -22,7 +22,21 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, then the bad-input exit code (the rest of clap's text is a usage hint).
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("lava: {}", first.trim_start_matches("error: "));
+            return std::process::ExitCode::from(plan::EXIT_BAD_INPUT);
+        }
+    };
     match cli.command {
         Command::Plan(args) => plan::run(&args),
     }

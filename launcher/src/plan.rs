@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use planner::size::{AspectSource, Resolution, SizeArg, parse_aspect, resolve};
-use planner::{Catalog, Layout, LayoutKind, ModelSpec, PlanError, Request, T5Placement, VaePlacement, Workload, render};
+use planner::{
+    Catalog, Layout, LayoutKind, ModelSpec, PlanError, Request, T5Placement, VaePlacement,
+    Workload, render,
+};
 
 /// Exit codes of `lava plan` (shared with `lava generate`'s pre-launch check).
 pub const EXIT_FITS: u8 = 0;
@@ -49,22 +52,22 @@ pub struct PlanArgs {
     #[arg(long, conflicts_with = "image")]
     pub aspect: Option<String>,
     /// Take --size literally as WIDTHxHEIGHT (multiples of 16) instead of as an area.
-    #[arg(long, conflicts_with_all = ["image", "aspect"])]
+    #[arg(long, alias = "exact_size", conflicts_with_all = ["image", "aspect"])]
     pub exact_size: bool,
     /// Video frames per clip.
-    #[arg(long, default_value_t = 48)]
+    #[arg(long = "infer_frames", alias = "infer-frames", default_value_t = 48)]
     pub infer_frames: u64,
     /// Denoising steps per block.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long = "sample_steps", alias = "sample-steps", default_value_t = 4)]
     pub sample_steps: u64,
     /// Number of 48-frame clips to generate.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long = "num_clip", alias = "num-clip", default_value_t = 1)]
     pub num_clip: u64,
     /// GPUs for the DiT (stages × pp × ulysses × tp).
-    #[arg(long)]
+    #[arg(long = "num_gpus_dit", alias = "num-gpus-dit")]
     pub num_gpus_dit: Option<u64>,
     /// Ulysses sequence-parallel degree inside a stage (must divide the 40 heads with --tp).
-    #[arg(long)]
+    #[arg(long = "ulysses_size", alias = "ulysses-size")]
     pub ulysses_size: Option<u64>,
     /// Tensor-parallel degree inside a stage.
     #[arg(long)]
@@ -76,10 +79,10 @@ pub struct PlanArgs {
     #[arg(long)]
     pub fsdp: bool,
     /// Run the VAE on its own rank after the DiT ranks.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long = "enable_vae_parallel", alias = "enable-vae-parallel", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub enable_vae_parallel: Option<bool>,
     /// Stream DiT block weights from host memory.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long = "offload_model", alias = "offload-model", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub offload_model: Option<bool>,
     /// FP8 e4m3 weights for the DiT linears (model-spec §8.1).
     #[arg(long)]
@@ -127,7 +130,10 @@ fn load_model(name: &str) -> Result<ModelSpec, PlanError> {
     }
     let text = std::fs::read_to_string(name).map_err(|e| PlanError::ModelSpec {
         name: name.into(),
-        reason: format!("not a built-in model ({}) and not a readable file: {e}", ModelSpec::builtin_names().join(", ")),
+        reason: format!(
+            "not a built-in model ({}) and not a readable file: {e}",
+            ModelSpec::builtin_names().join(", ")
+        ),
     })?;
     ModelSpec::from_toml(name, &text)
 }
@@ -140,14 +146,19 @@ fn parse_common(a: &PlanArgs) -> Result<Parsed, PlanError> {
     let source = if a.exact_size {
         AspectSource::Exact
     } else if let Some(path) = &a.image {
-        let dim = imagesize::size(path).map_err(|e| PlanError::Size {
-            input: a.size.clone(),
-            reason: format!("cannot read the size of --image {}: {e}", path.display()),
-        })?;
+        let image_err = |reason: String| PlanError::Image {
+            path: path.display().to_string(),
+            reason,
+        };
+        let dim = imagesize::size(path)
+            .map_err(|e| image_err(format!("not a readable JPEG/PNG image ({e})")))?;
         if dim.width == 0 || dim.height == 0 {
-            return Err(PlanError::Size { input: a.size.clone(), reason: format!("--image {} has no pixels", path.display()) });
+            return Err(image_err("the image has no pixels".into()));
         }
-        AspectSource::Image { height: dim.height as u64, width: dim.width as u64 }
+        AspectSource::Image {
+            height: dim.height as u64,
+            width: dim.width as u64,
+        }
     } else if let Some(aspect) = &a.aspect {
         let (width, height) = parse_aspect(aspect)?;
         AspectSource::Aspect { width, height }
@@ -169,14 +180,24 @@ fn parse_common(a: &PlanArgs) -> Result<Parsed, PlanError> {
     model.stream.latents_per_clip = latents - motion_latents;
     model.stream.infer_frames = a.infer_frames;
     if a.sample_steps == 0 {
-        return Err(PlanError::Workload("--sample_steps must be at least 1".into()));
+        return Err(PlanError::Workload(
+            "--sample_steps must be at least 1".into(),
+        ));
     }
     if a.num_clip == 0 {
         return Err(PlanError::Workload("--num_clip must be at least 1".into()));
     }
     model.stream.sample_steps = a.sample_steps;
-    let workload = Workload { sample_steps: a.sample_steps, clips: a.num_clip };
-    Ok(Parsed { model, gpus, resolution, workload })
+    let workload = Workload {
+        sample_steps: a.sample_steps,
+        clips: a.num_clip,
+    };
+    Ok(Parsed {
+        model,
+        gpus,
+        resolution,
+        workload,
+    })
 }
 
 fn explicit_layout(a: &PlanArgs, p: &Parsed) -> Result<Layout, PlanError> {
@@ -185,7 +206,11 @@ fn explicit_layout(a: &PlanArgs, p: &Parsed) -> Result<Layout, PlanError> {
         LayoutArg::Liveavatar => LayoutKind::Liveavatar,
     };
     let la = kind == LayoutKind::Liveavatar;
-    let (tp, ulysses, pp) = (a.tp.unwrap_or(1), a.ulysses_size.unwrap_or(1), a.pp.unwrap_or(1));
+    let (tp, ulysses, pp) = (
+        a.tp.unwrap_or(1),
+        a.ulysses_size.unwrap_or(1),
+        a.pp.unwrap_or(1),
+    );
     for (name, v) in [("--tp", tp), ("--ulysses_size", ulysses), ("--pp", pp)] {
         if v == 0 {
             return Err(PlanError::Layout(format!("{name} must be at least 1")));
@@ -194,12 +219,19 @@ fn explicit_layout(a: &PlanArgs, p: &Parsed) -> Result<Layout, PlanError> {
     let dedicated = a.enable_vae_parallel.unwrap_or(la);
     let n = p.gpus.len() as u64;
     let dit = match a.num_gpus_dit {
-        Some(0) => return Err(PlanError::Layout("--num_gpus_dit must be at least 1".into())),
+        Some(0) => {
+            return Err(PlanError::Layout(
+                "--num_gpus_dit must be at least 1".into(),
+            ));
+        }
         Some(d) => d,
         None if la => a.sample_steps,
-        None => n.checked_sub(u64::from(dedicated)).filter(|d| *d > 0).ok_or_else(|| {
-            PlanError::Layout("--enable_vae_parallel needs at least 2 GPUs".into())
-        })?,
+        None => n
+            .checked_sub(u64::from(dedicated))
+            .filter(|d| *d > 0)
+            .ok_or_else(|| {
+                PlanError::Layout("--enable_vae_parallel needs at least 2 GPUs".into())
+            })?,
     };
     let group = tp * ulysses * pp;
     if dit % group != 0 {
@@ -212,7 +244,11 @@ fn explicit_layout(a: &PlanArgs, p: &Parsed) -> Result<Layout, PlanError> {
         return Err(PlanError::Layout(format!(
             "{dit} DiT GPUs / (tp {tp} × ulysses {ulysses} × pp {pp}) = {stages} TPP stages, but --sample_steps {} does not divide into {stages} stages{}",
             a.sample_steps,
-            if dedicated || n <= dit { String::new() } else { "; add --enable_vae_parallel to give one GPU to the VAE".to_string() }
+            if dedicated || n <= dit || a.num_gpus_dit.is_some() {
+                String::new()
+            } else {
+                "; add --enable_vae_parallel to give one GPU to the VAE".to_string()
+            }
         )));
     }
     let t5 = match a.t5 {
@@ -229,7 +265,11 @@ fn explicit_layout(a: &PlanArgs, p: &Parsed) -> Result<Layout, PlanError> {
         ulysses,
         pp,
         fsdp: a.fsdp,
-        vae: if dedicated { VaePlacement::Dedicated } else { VaePlacement::Colocated },
+        vae: if dedicated {
+            VaePlacement::Dedicated
+        } else {
+            VaePlacement::Colocated
+        },
         t5,
         fp8: a.fp8,
         offload: a.offload_model.unwrap_or(false),
@@ -261,7 +301,10 @@ pub fn run(a: &PlanArgs) -> ExitCode {
         Err(e) => {
             eprintln!("lava plan: {e}");
             if a.json {
-                println!("{}", serde_json::json!({ "status": "bad_input", "error": e.to_string() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": "bad_input", "error": e.to_string() })
+                );
             }
             ExitCode::from(EXIT_BAD_INPUT)
         }
@@ -273,9 +316,15 @@ fn run_inner(a: &PlanArgs) -> Result<u8, PlanError> {
     let mut auto = false;
     let layout = if a.layout_unspecified() {
         // Best layout of these GPUs at this size with the user's FP8 choice, if any fits.
-        let best = planner::propose(&p.model, &p.gpus, std::slice::from_ref(&p.resolution), p.workload, 64)
-            .into_iter()
-            .find(|c| c.layout.fp8 == a.fp8 && !c.layout.offload);
+        let best = planner::propose(
+            &p.model,
+            &p.gpus,
+            std::slice::from_ref(&p.resolution),
+            p.workload,
+            64,
+        )
+        .into_iter()
+        .find(|c| c.layout.fp8 == a.fp8 && !c.layout.offload);
         match best {
             Some(c) => {
                 auto = true;
@@ -283,7 +332,10 @@ fn run_inner(a: &PlanArgs) -> Result<u8, PlanError> {
             }
             None => explicit_layout(a, &p).or_else(|_| {
                 // Nothing fits and the defaults do not form a layout: show LiveAvatar's own.
-                let mut la = PlanArgs { layout: Some(LayoutArg::Liveavatar), ..a.clone() };
+                let mut la = PlanArgs {
+                    layout: Some(LayoutArg::Liveavatar),
+                    ..a.clone()
+                };
                 la.enable_vae_parallel = Some(p.gpus.len() as u64 > a.sample_steps);
                 explicit_layout(&la, &p)
             })?,
@@ -291,7 +343,13 @@ fn run_inner(a: &PlanArgs) -> Result<u8, PlanError> {
     } else {
         explicit_layout(a, &p)?
     };
-    let req = Request::new(p.model.clone(), p.gpus.clone(), layout, p.resolution.clone(), p.workload)?;
+    let req = Request::new(
+        p.model.clone(),
+        p.gpus.clone(),
+        layout,
+        p.resolution.clone(),
+        p.workload,
+    )?;
     match planner::plan(&req) {
         Ok(mut plan) => {
             if auto {
@@ -303,7 +361,12 @@ fn run_inner(a: &PlanArgs) -> Result<u8, PlanError> {
                 Vec::new()
             };
             if a.json {
-                println!("{}", json(&serde_json::json!({ "status": "fits", "plan": plan, "proposals": proposals })));
+                println!(
+                    "{}",
+                    json(
+                        &serde_json::json!({ "status": "fits", "plan": plan, "proposals": proposals })
+                    )
+                );
             } else {
                 print!("{}", render::fits(&plan));
                 if a.propose {
@@ -313,7 +376,8 @@ fn run_inner(a: &PlanArgs) -> Result<u8, PlanError> {
             Ok(EXIT_FITS)
         }
         Err(inf) => {
-            let proposals = planner::propose(&p.model, &p.gpus, &fallback_resolutions(&p), p.workload, 5);
+            let proposals =
+                planner::propose(&p.model, &p.gpus, &fallback_resolutions(&p), p.workload, 5);
             if a.json {
                 println!(
                     "{}",
@@ -334,5 +398,6 @@ fn run_inner(a: &PlanArgs) -> Result<u8, PlanError> {
 }
 
 fn json(v: &serde_json::Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"status\":\"error\",\"error\":\"{e}\"}}"))
+    serde_json::to_string_pretty(v)
+        .unwrap_or_else(|e| format!("{{\"status\":\"error\",\"error\":\"{e}\"}}"))
 }

@@ -9,6 +9,9 @@ pub enum PlanError {
     #[error("invalid --aspect {input:?}: expected W:H with positive integers, e.g. 16:9")]
     Aspect { input: String },
 
+    #[error("cannot use --image {path}: {reason}")]
+    Image { path: String, reason: String },
+
     // -- GPUs -----------------------------------------------------------------------------
     #[error("invalid --gpus {input:?}: {reason}")]
     Gpus { input: String, reason: String },

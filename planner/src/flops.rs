@@ -64,13 +64,18 @@ impl CallFlops {
     }
 
     /// The prefill ("sink") pass over the Lc cond tokens: no audio, no head (§4.2).
-    pub fn prefill(spec: &ModelSpec, g: &Geometry) -> Self {
+    pub fn prefill(spec: &ModelSpec, g: &Geometry, recompute_text: bool) -> Self {
         let d = &spec.dit;
         let (dim, ffn, layers) = (d.dim as f64, d.ffn_dim as f64, d.num_layers as f64);
         let lc = g.lc as f64;
         let text = g.text_len as f64;
+        let text_kv = if recompute_text {
+            2.0 * 2.0 * text * dim * dim * layers
+        } else {
+            0.0
+        };
         Self {
-            linear: 2.0 * lc * (6.0 * dim * dim + 2.0 * dim * ffn) * layers,
+            linear: 2.0 * lc * (6.0 * dim * dim + 2.0 * dim * ffn) * layers + text_kv,
             self_attention: 4.0 * lc * lc * dim * layers,
             cross_attention: 4.0 * lc * text * dim * layers,
             other: 2.0 * lc * d.patch_features() as f64 * dim * 4.0,

@@ -216,6 +216,31 @@ pub fn plan(req: &Request) -> std::result::Result<Plan, Box<Infeasible>> {
     if req.resolution.height * req.resolution.width > 0 && g.fsl == 0 {
         reasons.push("the resolution gives no DiT tokens".into());
     }
+    if req.layout.fsdp {
+        if let Some(r) = ranks.first() {
+            let get = |c: Component| {
+                r.items
+                    .iter()
+                    .filter(|i| i.component == c)
+                    .map(|i| i.bytes)
+                    .sum::<u64>()
+            };
+            let resident =
+                get(Component::DitWeights) + get(Component::KvNoisy) + get(Component::KvSink);
+            let root = get(Component::FsdpRootUnshard);
+            notes.push(format!(
+                "rank 0: DiT shard + KV caches = {:.2} GB resident; + FSDP root unshard {:.2} GB ({:.2} GiB) = {:.2} GB. \
+                 Adding the GiB figure to the GB figure, {:.2} + {:.2} = {:.2} \"GB\", is the unit mix behind the quoted \"25.65 GB\" (model-spec §7.4)",
+                resident as f64 / 1e9,
+                root as f64 / 1e9,
+                root as f64 / (1u64 << 30) as f64,
+                (resident + root) as f64 / 1e9,
+                round2(resident as f64 / 1e9),
+                round2(root as f64 / (1u64 << 30) as f64),
+                round2(resident as f64 / 1e9) + round2(root as f64 / (1u64 << 30) as f64),
+            ));
+        }
+    }
     let idle = req.gpus.len() as u64 - roles.len() as u64;
     if idle > 0 {
         notes.push(format!(
@@ -447,4 +472,8 @@ fn factorisations(model: &ModelSpec, steps: u64, dit: u64) -> Vec<(u64, u64, u64
         }
     }
     out
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }

@@ -155,7 +155,7 @@ pub fn estimate(
     let encode_s = vae_decode_flops(spec, g.height, g.width) / spec.vae.temporal_stride as f64
         * encode_frames as f64
         / (vae_gpu.bf16_tflops * 1e12 * VAE_EFFICIENCY);
-    let prefill = CallFlops::prefill(spec, g);
+    let prefill = CallFlops::prefill(spec, g, layout.kind == LayoutKind::Liveavatar);
     let share = (layout.tp * layout.ulysses) as f64;
     let prefill_s = steps_per_stage * prefill.total() / share / (bf16 * GEMM_EFFICIENCY);
     let first_block: f64 = stage_first_s.iter().map(|s| s * steps_per_stage).sum();
