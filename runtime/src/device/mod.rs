@@ -3,7 +3,7 @@
 //! Enum dispatch as in candle: [`Device`] names where a tensor lives, [`Storage`] holds
 //! its bytes, and every op is a `match` that forwards to one [`BackendStorage`] impl
 //! (`CpuStorage` always, `CudaStorage` with the `cuda` feature; without it `CudaStorage`
-//! is an uninhabited stub and creating one returns [`Error::CudaNotCompiled`]).
+//! is an uninhabited stub and creating one returns [`crate::Error::CudaNotCompiled`]).
 //!
 //! Backend contract, for every method:
 //! - all storages are contiguous row-major; shapes come in the `*Spec` structs;
@@ -293,7 +293,7 @@ pub trait BackendStorage: Sized + std::fmt::Debug + Send + Sync {
         dst_stride: usize,
         dst_offset: usize,
     ) -> Result<()>;
-    /// Transpose `dims` to `dims[perm[i]]` order (out dim i = in dim perm[i]).
+    /// Transpose: output dim `i` is input dim `perm[i]`.
     fn permute(&self, dims: &[usize], perm: &[usize]) -> Result<Self>;
     /// Gather along the middle of `(outer, dim, inner)`: out `[outer, ids.len(), inner]`.
     fn index_select(&self, outer: usize, dim: usize, inner: usize, ids: &[u32]) -> Result<Self>;

@@ -4,6 +4,27 @@
 //! share the buffer (`Arc`). Layout ops that change element order (`narrow`, `permute`,
 //! `concat`, …) copy; `reshape` shares. The only in-place writes are [`Tensor::slice_set`],
 //! [`Tensor::poison`] and the raw-byte writers used by communicators, so aliasing is visible.
+//!
+//! # Dtype behaviour by op (what is rounded where)
+//!
+//! | op | inputs | math | output dtype (one RNE rounding) |
+//! | --- | --- | --- | --- |
+//! | `to_dtype` | any | f32 (× fp8 scale) | target; into fp8 saturating ±448, scale 1 |
+//! | `quantize_fp8` | bf16/f16/f32 | x·s in f32, s = min(448/max(amax,1e-12), 448) | fp8, scale 1/s |
+//! | unary (`gelu_tanh`, `gelu`, `silu`, `exp`, …) | non-fp8 | f32 (GELU-erf via f64) | input dtype, or `unary_to(out)` |
+//! | binary (`add`, `mul`, …, broadcasting) | non-fp8, may mix | f32 | torch promotion (mixed → f32), or `binary_to(out)` |
+//! | `modulate` x·(1+scale)+shift, `gated_residual` x+y·gate | non-fp8, may mix | f32, no FMA | `out` argument |
+//! | `sum/mean/max_last`, `reduce_last` | non-fp8 | f32 accumulation | f32 |
+//! | `softmax_last` | non-fp8 | f32 | input dtype, or `softmax_last_to(out)` |
+//! | `layer_norm` | non-fp8 | f32 stats, affine in f32 | `out` argument |
+//! | `rms_norm` | non-fp8 | f32 stats; normalised value rounded to x's dtype, then × weight | promote(x, weight) |
+//! | `channel_rms_norm` | non-fp8 | f32 throughout | `out` argument |
+//! | `rope_interleaved` | x non-fp8, f32 tables | f64 complex product → f32 | `out` argument |
+//! | `matmul`, `linear`, `linear_ex` | same dtype (fp8 allowed) | f32 accumulation, × fp8 scales, + bias, epilogue in f32 | x dtype, or `out` |
+//! | `fp8_linear` | x any float, w fp8 | quantise x, f32 accumulation, + bias | bf16, then cast to `out` |
+//! | `conv1d`, `conv3d` | x, w same non-fp8 dtype | f32 accumulation, + bias | `out` argument |
+//! | `attention` | q, k, v same dtype, f32 bias | f32 scores, softmax and accumulation | `out` argument |
+//! | layout (`narrow`, `cat`, `permute`, `index_select`, `upsample_nearest2d`, `slice_set`) | any | exact copy | input dtype (fp8 keeps its scale) |
 
 mod dtype;
 mod layout;
@@ -115,6 +136,15 @@ impl Tensor {
             t.poison()?;
         }
         Ok(t)
+    }
+
+    pub fn ones(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Self> {
+        Self::full(1.0, shape, dtype, device)
+    }
+
+    /// A one-element tensor of shape `[1]` (broadcasts against anything).
+    pub fn scalar(value: f32, dtype: DType, device: &Device) -> Result<Self> {
+        Self::full(value, 1usize, dtype, device)
     }
 
     /// Every element `value` rounded to `dtype`.

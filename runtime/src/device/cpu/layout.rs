@@ -62,6 +62,9 @@ pub fn copy2d(
 
 pub fn permute(src: &CpuStorage, dims: &[usize], perm: &[usize]) -> CpuStorage {
     fn go<T: Copy + Send + Sync>(s: &[T], dims: &[usize], perm: &[usize]) -> Vec<T> {
+        let Some(&first) = s.first() else {
+            return Vec::new();
+        };
         let n = dims.len();
         let mut in_strides = vec![1usize; n];
         for i in (0..n.saturating_sub(1)).rev() {
@@ -72,23 +75,18 @@ pub fn permute(src: &CpuStorage, dims: &[usize], perm: &[usize]) -> CpuStorage {
         let strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
         let last = out_dims.last().copied().unwrap_or(1).max(1);
         let last_stride = strides.last().copied().unwrap_or(1);
-        let mut out = Vec::with_capacity(s.len());
-        // SAFETY-free: build rows in parallel, then concatenate.
-        let rows: Vec<Vec<T>> = (0..s.len() / last)
-            .into_par_iter()
-            .map(|row| {
-                let mut rem = row;
-                let mut base = 0;
-                for d in (0..n.saturating_sub(1)).rev() {
-                    base += (rem % out_dims[d]) * strides[d];
-                    rem /= out_dims[d];
-                }
-                (0..last).map(|j| s[base + j * last_stride]).collect()
-            })
-            .collect();
-        for r in rows {
-            out.extend_from_slice(&r);
-        }
+        let mut out = vec![first; s.len()];
+        out.par_chunks_mut(last).enumerate().for_each(|(row, dst)| {
+            let mut rem = row;
+            let mut base = 0;
+            for d in (0..n.saturating_sub(1)).rev() {
+                base += (rem % out_dims[d]) * strides[d];
+                rem /= out_dims[d];
+            }
+            for (j, o) in dst.iter_mut().enumerate() {
+                *o = s[base + j * last_stride];
+            }
+        });
         out
     }
     map_typed!(src, |v| go(v, dims, perm))

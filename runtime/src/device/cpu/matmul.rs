@@ -34,12 +34,12 @@ pub fn gemm(a: &[f32], b: &[f32], bias: Option<&[f32]>, s: &GemmSpec) -> Vec<f32
     let (m, n, k) = (s.m, s.n, s.k);
     // B as [n, k] rows per batch, so every output is one contiguous dot product.
     let b_batches = if s.b_batch_stride == 0 { 1 } else { s.batch };
-    let bt: Vec<Vec<f32>> = (0..b_batches)
+    let bt: Vec<std::borrow::Cow<'_, [f32]>> = (0..b_batches)
         .into_par_iter()
         .map(|i| {
             let src = &b[i * s.b_batch_stride..][..n * k];
             if s.trans_b {
-                src.to_vec()
+                std::borrow::Cow::Borrowed(src)
             } else {
                 let mut t = vec![0f32; n * k];
                 for kk in 0..k {
@@ -47,7 +47,7 @@ pub fn gemm(a: &[f32], b: &[f32], bias: Option<&[f32]>, s: &GemmSpec) -> Vec<f32
                         t[j * k + kk] = src[kk * n + j];
                     }
                 }
-                t
+                std::borrow::Cow::Owned(t)
             }
         })
         .collect();
