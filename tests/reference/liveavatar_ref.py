@@ -304,7 +304,7 @@ class LiveAvatarDiT(nn.Module):
         return self._lin(self.text_embedding[2], h).unsqueeze(0)
 
     def encode_audio(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """audio [1, 25, audio_dim, T] -> tokens [1, T/4, 5, dim], global [T/4, dim] (§3.3 step 1)."""
+        """audio [1, 25, audio_dim, T] -> tokens [1, T/4, 5, dim], global [T/4, dim] (§3.3 1)."""
         c, enc = self.cfg, self.casual_audio_encoder.encoder
         frames = audio.shape[-1] // 4
         x = audio.float()

@@ -121,7 +121,8 @@ def main() -> None:
 
     sched = {}
     for n in SCHEDULE_STEPS:
-        sched[f"steps{n}.timesteps"], sched[f"steps{n}.sigmas"] = flow_match_schedule(n, sm["shift"])
+        t, sg = flow_match_schedule(n, sm["shift"])
+        sched[f"steps{n}.timesteps"], sched[f"steps{n}.sigmas"] = t, sg
     # The bf16 Euler rule (§5) on the first call's real tensors, rounded to bf16.
     c0 = res.calls[(0, 0)]
     xb, vb = c0["x"][0].to(torch.bfloat16), c0["v"][0].to(torch.bfloat16)

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from checkpoint_io import load_folder, lora_targets, merge_lora, random_init_, save_sharded  # noqa: E402
+from checkpoint_io import (  # noqa: E402
+    load_folder, lora_targets, merge_lora, random_init_, save_sharded)
 from liveavatar_ref import DitConfig, LiveAvatarDiT  # noqa: E402
 
 WEIGHT_SEED = 20260101
