@@ -240,6 +240,12 @@ pub trait Comm: Send + Sync + fmt::Debug {
         }
         self.barrier_raw()
     }
+
+    /// Waits until every queued operation has finished, within the timeout. Socket
+    /// operations complete before they return, so only NCCL overrides this.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 pub(crate) fn comm_error<C: Comm + ?Sized>(c: &C, op: &'static str, kind: CommErrorKind) -> Error {

@@ -647,3 +647,20 @@ impl BackendStorage for CudaStorage {
         linalg::attention(self, k, v, bias, spec)
     }
 }
+
+// === Raw access for the NCCL communicator (comm/nccl) ===
+
+impl CudaStorage {
+    /// The raw byte buffer (at least `elem_count × dtype size` bytes).
+    pub(crate) fn raw_buf(&self) -> &CudaSlice<u8> {
+        &self.buf
+    }
+    pub(crate) fn raw_buf_mut(&mut self) -> &mut CudaSlice<u8> {
+        &mut self.buf
+    }
+}
+
+/// The stream every op on device `ordinal` is queued on; NCCL uses it too.
+pub(crate) fn stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    Ok(Arc::clone(&dev(ordinal)?.stream))
+}

@@ -23,11 +23,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::sys::{CUresult, cuStreamQuery};
 use cudarc::driver::CudaStream;
+use cudarc::driver::sys::{CUresult, cuStreamQuery};
 use cudarc::nccl::sys;
 
 mod ops;
+mod tensor;
 
 use super::{CommErrorKind, ReduceOp};
 use crate::{DType, Error, Result};
