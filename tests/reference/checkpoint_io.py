@@ -34,7 +34,8 @@ def lora_targets(model: LiveAvatarDiT) -> list[str]:
 def random_init_(model: LiveAvatarDiT, gen: torch.Generator) -> None:
     """Random, non-zero values for every parameter, rounded to bf16 (the checkpoint dtype).
 
-    Linear/conv weights ~ N(0, 1/fan_in); biases ~ 0.1 N; norm weights ~ 1 + 0.1 N; modulation,
+    Linear/conv weights ~ N(0, 1/fan_in); biases ~ 0.1 N; norm3 weight ~ 1 + 0.1 N; q/k RMSNorm
+    weights ~ 2 (1 + 0.1 N) (sharper attention, so the fixtures resolve RoPE details); modulation,
     cond mask, padding token ~ 0.5 N; audio layer weights ~ 0.5 + 0.5 N (SiLU'd, summed: no
     tiny denominator). Zero-initialised modules of the real model (§1.1) are random here too.
     """
@@ -45,7 +46,9 @@ def random_init_(model: LiveAvatarDiT, gen: torch.Generator) -> None:
                 v = 0.1 * n
             elif name.endswith("norm3.bias"):
                 v = 0.1 * n
-            elif "norm" in name:  # RMSNorm / norm3 weights
+            elif ".norm_q." in name or ".norm_k." in name:
+                v = 2.0 * (1.0 + 0.1 * n)
+            elif "norm" in name:  # norm3 weight
                 v = 1.0 + 0.1 * n
             elif name == "casual_audio_encoder.weights":
                 v = 0.5 + 0.5 * n

@@ -62,6 +62,9 @@ S2V_14B = DitConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim
                     audio_dim=1024, num_audio_token=4,
                     audio_inject_layers=(0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39))
 
+# The "fp32" of the §3.3.1 dtype flow. check_reference.py switches it to float64 (with float64
+# weights) to measure the float32 round-off of the golden run.
+ACC = torch.float32
 REF_TIME = 30  # reference frame's temporal RoPE index in the prefill (§3.4)
 ADAIN_EPS = 1e-5  # diffusers AdaLayerNorm default (§3.3.2)
 AUDIO_LN_EPS = 1e-6
@@ -212,7 +215,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cc = cos.to(x.device, torch.float64)[None, :, None, :]
     ss = sin.to(x.device, torch.float64)[None, :, None, :]
     out = torch.stack([re * cc - im * ss, re * ss + im * cc], -1).flatten(-2)
-    return out.to(torch.float32).to(x.dtype)
+    return out.to(ACC).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- stream state
@@ -260,10 +263,10 @@ class LiveAvatarDiT(nn.Module):
 
     @staticmethod
     def _lin32(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), m.weight.float(), m.bias.float())
+        return F.linear(x.to(ACC), m.weight.to(ACC), m.bias.to(ACC))
 
     def _rms(self, n: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(ACC)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
         return y.to(x.dtype) * n.weight
 
@@ -287,7 +290,7 @@ class LiveAvatarDiT(nn.Module):
         pos = t.to(torch.float64)
         freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
         s = torch.outer(pos, freqs)
-        emb = torch.cat([torch.cos(s), torch.sin(s)], 1).float()
+        emb = torch.cat([torch.cos(s), torch.sin(s)], 1).to(ACC)
         e = self._lin32(self.time_embedding[2], F.silu(self._lin32(self.time_embedding[0], emb)))
         e0 = self._lin32(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.cfg.dim))
         return e, e0
@@ -307,14 +310,14 @@ class LiveAvatarDiT(nn.Module):
         """audio [1, 25, audio_dim, T] -> tokens [1, T/4, 5, dim], global [T/4, dim] (§3.3 1)."""
         c, enc = self.cfg, self.casual_audio_encoder.encoder
         frames = audio.shape[-1] // 4
-        x = audio.float()
+        x = audio.to(ACC)
         x = torch.cat([x[..., :1].expand(*x.shape[:-1], c.motion_frames), x], -1)
-        w = F.silu(self.casual_audio_encoder.weights.float())
+        w = F.silu(self.casual_audio_encoder.weights.to(ACC))
         feat = (x * w).sum(1) / w.sum(1)  # [1, audio_dim, T + 73]
 
         def cconv(m: CausalConv1d, y: torch.Tensor) -> torch.Tensor:
             y = F.pad(y, (2, 0), mode="replicate")
-            return F.conv1d(y, m.conv.weight.float(), m.conv.bias.float(), stride=m.conv.stride)
+            return F.conv1d(y, m.conv.weight.to(ACC), m.conv.bias.to(ACC), stride=m.conv.stride)
 
         def norm_act(y: torch.Tensor) -> torch.Tensor:  # channels-first [B, C, T]
             y = F.layer_norm(y.transpose(1, 2), (y.shape[1],), eps=AUDIO_LN_EPS)
@@ -324,7 +327,7 @@ class LiveAvatarDiT(nn.Module):
         loc = loc.unflatten(1, (c.num_audio_token, c.dim // 4)).flatten(0, 1)
         loc = norm_act(cconv(enc.conv3, norm_act(cconv(enc.conv2, norm_act(loc)))))
         loc = loc.permute(2, 0, 1).unsqueeze(0)  # [1, T3, n, dim]
-        pad = enc.padding_tokens.float().expand(1, loc.shape[1], 1, c.dim)
+        pad = enc.padding_tokens.to(ACC).expand(1, loc.shape[1], 1, c.dim)
         loc = torch.cat([loc, pad], 2)
         g = norm_act(cconv(enc.conv1_global, feat))
         g = norm_act(cconv(enc.conv3, norm_act(cconv(enc.conv2, g))))
@@ -348,33 +351,33 @@ class LiveAvatarDiT(nn.Module):
         """x [1, L, dim] act; mod [G, 6, dim] fp32 for G equal token groups (latent frames)."""
         act, d, eps = self.act, self.cfg.dim, self.cfg.eps
         g_count, seq = mod.shape[0], x.shape[1]
-        m = blk.modulation.float() + mod
+        m = blk.modulation.to(ACC) + mod
         sh_sa, sc_sa, g_sa, sh_ff, sc_ff, g_ff = (m[:, j].unsqueeze(1) for j in range(6))
 
         def grouped(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(g_count, seq // g_count, d)
 
-        a = F.layer_norm(x.float(), (d,), eps=eps).to(act).float()
+        a = F.layer_norm(x.to(ACC), (d,), eps=eps).to(act).to(ACC)
         a = (grouped(a) * (1 + sc_sa) + sh_sa).reshape(1, seq, d).to(act)
         sa = blk.self_attn
         q = self._heads(self._rms(sa.norm_q, self._lin(sa.q, a)))
         k = self._heads(self._rms(sa.norm_k, self._lin(sa.k, a)))
         v = self._heads(self._lin(sa.v, a))
         y = self._lin(sa.o, attn_fn(q, k, v))
-        x1 = x.float() + (grouped(y.float()) * g_sa).reshape(1, seq, d)
+        x1 = x.to(ACC) + (grouped(y.to(ACC)) * g_sa).reshape(1, seq, d)
 
-        u = F.layer_norm(x1.to(act).float(), (d,), blk.norm3.weight.float(),
-                         blk.norm3.bias.float(), eps).to(act)
+        u = F.layer_norm(x1.to(act).to(ACC), (d,), blk.norm3.weight.to(ACC),
+                         blk.norm3.bias.to(ACC), eps).to(act)
         ca = blk.cross_attn
         q = self._heads(self._rms(ca.norm_q, self._lin(ca.q, u)))
         k = self._heads(self._rms(ca.norm_k, self._lin(ca.k, text)))
         v = self._heads(self._lin(ca.v, text))
-        x2 = x1 + self._lin(ca.o, self._sdpa(q, k, v)).float()
+        x2 = x1 + self._lin(ca.o, self._sdpa(q, k, v)).to(ACC)
 
         b = F.layer_norm(x2, (d,), eps=eps)
         b = (grouped(b) * (1 + sc_ff) + sh_ff).reshape(1, seq, d).to(act)
         y2 = self._lin(blk.ffn[2], F.gelu(self._lin(blk.ffn[0], b), approximate="tanh"))
-        x3 = x2 + (grouped(y2.float()) * g_ff).reshape(1, seq, d)
+        x3 = x2 + (grouped(y2.to(ACC)) * g_ff).reshape(1, seq, d)
         return x3.to(act)
 
     def inject_audio(self, j: int, x: torch.Tensor, tok: torch.Tensor,
@@ -384,7 +387,7 @@ class LiveAvatarDiT(nn.Module):
         h = x.reshape(frames, -1, d)
         ada = self._lin(self.audio_injector.injector_adain_layers[j].linear, F.silu(glob))
         shift, scale = ada[:, :d].unsqueeze(1), ada[:, d:].unsqueeze(1)
-        u = F.layer_norm(h.float(), (d,), eps=ADAIN_EPS).to(self.act)
+        u = F.layer_norm(h.to(ACC), (d,), eps=ADAIN_EPS).to(self.act)
         u = u * (1 + scale) + shift
         att = self.audio_injector.injector[j]
         q = self._heads(self._rms(att.norm_q, self._lin(att.q, u)))
@@ -396,8 +399,8 @@ class LiveAvatarDiT(nn.Module):
     def head_out(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [1, Lq, dim], e [F, dim] fp32 -> [1, Lq, 4*out_dim] (§3.3 step 7)."""
         d, frames = self.cfg.dim, e.shape[0]
-        a = F.layer_norm(x.float(), (d,), eps=self.cfg.eps).to(self.act).float()
-        m = self.head.modulation.float() + e[:, None, :]
+        a = F.layer_norm(x.to(ACC), (d,), eps=self.cfg.eps).to(self.act).to(ACC)
+        m = self.head.modulation.to(ACC) + e[:, None, :]
         a = a.reshape(frames, -1, d) * (1 + m[:, 1:2]) + m[:, 0:1]
         return self._lin32(self.head.head, a).to(self.act).reshape(1, x.shape[1], -1)
 

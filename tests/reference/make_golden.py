@@ -28,7 +28,7 @@ INPUT_SEED = 20260103
 BLOCKS_RUN = [4, 2]  # clip 0 complete (ring full), clip 1: re-prefill, ring wraps twice
 RECORD = [(0, 0, 0), (1, 1, 3)]  # first call; a steady-state call after the wrap
 SCHEDULE_STEPS = (1, 2, 3, 4, 8, 40)
-TEXT_TOKENS = 20
+TEXT_TOKENS = 11  # of text_len 16: 5 zero-padded rows
 
 
 def save_file(tensors: dict, path: str) -> None:

@@ -1,0 +1,89 @@
+"""Golden fixtures of the VAE, the T5 encoder and wav2vec2 (model-spec §1.3–1.5, §6.4).
+
+Tiny configurations of the real architectures (configs/models/tiny.toml), random weights saved
+under the real checkpoint names and formats:
+  tests/fixtures/vae_tiny/Wan2.1_VAE.pth                       torch.save state dict, f32
+  tests/fixtures/vae_tiny/golden.pth                           inputs and outputs
+  tests/fixtures/t5_tiny/models_t5_umt5-xxl-enc-bf16.pth       torch.save state dict, bf16
+  tests/fixtures/t5_tiny/golden.pth
+  tests/fixtures/wav2vec2_tiny/{config.json,model.safetensors} HF folder
+  tests/fixtures/wav2vec2_tiny/golden.pth
+Everything is computed in float32 on CPU. Usage: python3 make_golden_encoders.py [vae|t5|w2v]...
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+FIX = ROOT / "tests" / "fixtures"
+TINY = tomllib.loads((ROOT / "configs" / "models" / "tiny.toml").read_text())
+
+
+def save_pth(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Deterministic archive (fixed root name inside the zip).
+    torch.save({k: v.contiguous().clone() for k, v in obj.items()}, path)
+
+
+def random_init_(model: torch.nn.Module, gen: torch.Generator, round_to=torch.bfloat16) -> None:
+    """Weights ~ N(0, 1/fan_in), biases ~ 0.1 N, norm gains ~ 1 + 0.1 N, rounded to `round_to`
+    (bf16-representable, so a bf16 checkpoint holds exactly the f32 values)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            n = torch.randn(p.shape, generator=gen)
+            if name.endswith("gamma") or re.search(r"norm\d*\.weight$", name):
+                v = 1.0 + 0.1 * n
+            elif name.endswith("bias"):
+                v = 0.1 * n
+            elif p.dim() >= 2:
+                v = n / math.sqrt(math.prod(p.shape[1:]))
+            else:
+                v = 0.5 * n
+            p.copy_(v.to(round_to).float())
+
+
+def make_vae() -> None:
+    from vae_ref import StreamDecoder, VaeConfig, WanVAE
+
+    v = TINY["vae"]
+    cfg = VaeConfig(z_dim=v["z_dim"], base_dim=v["base_dim"], dim_mult=tuple(v["dim_mult"]),
+                    num_res_blocks=v["num_res_blocks"],
+                    temporal_downsample=tuple(v["temporal_downsample"]))
+    gen = torch.Generator().manual_seed(1234)
+    vae = WanVAE(cfg).eval()
+    random_init_(vae, gen)
+    out = FIX / "vae_tiny"
+    save_pth(vae.state_dict(), out / "Wan2.1_VAE.pth")
+
+    # Encode: 9 frames (first frame alone, then two 4-frame chunks) at 32×48.
+    video = (torch.rand(1, 3, 9, 32, 48, generator=gen) * 2 - 1)
+    with torch.no_grad():
+        latents = vae.encode(video)
+        # Streaming decode: 2 priming latents, then calls of 3 and 2 latents (one stream).
+        z = torch.randn(1, cfg.z_dim, 7, 4, 6, generator=gen)
+        dec = StreamDecoder(vae)
+        calls = [dec.decode(z[:, :, a:b]) for a, b in ((0, 2), (2, 5), (5, 7))]
+        # The bf16 dtype flow (autocast semantics) on the same stream.
+        dec16 = StreamDecoder(vae, torch.bfloat16)
+        calls16 = [dec16.decode(z[:, :, a:b]) for a, b in ((0, 2), (2, 5), (5, 7))]
+    golden = {"video": video, "latents": latents, "z": z}
+    for i, (c, c16) in enumerate(zip(calls, calls16)):
+        golden[f"decode.{i}"] = c
+        golden[f"decode_bf16.{i}"] = c16
+    save_pth(golden, out / "golden.pth")
+    print("vae:", {k: tuple(t.shape) for k, t in golden.items()})
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    torch.manual_seed(0)
+    which = sys.argv[1:] or ["vae", "t5", "w2v"]
+    for w in which:
+        {"vae": make_vae}[w]()
