@@ -11,9 +11,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod comm_common;
+
+use comm_common::run_tensor_collectives;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
-use runtime::comm::{CommErrorKind, NcclComm, NcclId, ReduceOp};
-use runtime::{DType, Error};
+use runtime::comm::{Comm, CommErrorKind, NcclComm, NcclId, ReduceOp};
+use runtime::{DType, Device, Error};
 
 const WORLD: usize = 2;
 const ROLE: &str = "LAVA_NCCL_ROLE";
@@ -159,6 +162,14 @@ fn nccl_child() {
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
         .collect();
     let id = NcclId::from_bytes(&bytes).unwrap();
+    if role == "tensor" {
+        // Collectives on CUDA tensors, on the backend's stream.
+        let timeout = Duration::from_secs(60);
+        let comm = NcclComm::init_on_device(&id, rank, WORLD, rank, timeout).unwrap();
+        run_tensor_collectives(&comm, &Device::Cuda(rank));
+        Comm::synchronize(&comm).unwrap();
+        return;
+    }
     let ctx = CudaContext::new(rank).unwrap();
     let stream = ctx.new_stream().unwrap();
     let comm = NcclComm::init(&id, rank, WORLD, stream.clone(), Duration::from_secs(60)).unwrap();
@@ -234,6 +245,12 @@ fn run_processes(role: &str) -> Vec<Option<i32>> {
 #[ignore = "needs 2 GPUs and a loadable libnccl"]
 fn nccl_collectives_two_gpus() {
     assert_eq!(run_processes("collectives"), vec![Some(0); WORLD]);
+}
+
+#[test]
+#[ignore = "needs 2 GPUs and a loadable libnccl"]
+fn nccl_tensor_collectives_two_gpus() {
+    assert_eq!(run_processes("tensor"), vec![Some(0); WORLD]);
 }
 
 #[test]
