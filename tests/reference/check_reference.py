@@ -7,7 +7,9 @@
    reference position max(30, cur + relative_dist) (§4.5).
 3. RoPE: fp16 rounding bound, negative positions are conjugates, relative-position property.
 4. Ring order does not matter (positions are baked into the keys).
-5. Unpatchify places output (pt, ph, pw, c) with c fastest (§3.3 step 8).
+5. Audio encoder: latent frame j depends on the block's audio frames 4j-5 .. 4j+3 (§3.3 1,
+   negative indices being copies of frame 0).
+   Unpatchify places output (pt, ph, pw, c) with c fastest (§3.3 step 8).
 6. Regenerating the run reproduces every committed tensor bit for bit.
 7. Sensitivity: each listed deviation from the spec moves the outputs by more than the Rust
    tolerance (rel L2 1e-5), so the golden tests can catch it.
@@ -170,6 +172,17 @@ def check_unpatchify(m) -> None:
     check(ok, "unpatchify order (pt, ph, pw, c), c fastest")
 
 
+def check_audio_field(m) -> None:
+    a = torch.randn(1, m.cfg.num_audio_layers, m.cfg.audio_dim, 12, requires_grad=True)
+    tok, glob = m.encode_audio(a)
+    ok = True
+    for j in range(3):
+        (g,) = torch.autograd.grad(tok[0, j].sum() + glob[j].sum(), a, retain_graph=True)
+        dep = [f for f in range(12) if float(g[..., f].abs().sum()) > 0]
+        ok &= dep == list(range(max(0, 4 * j - 5), 4 * j + 4))
+    check(ok, "audio receptive field: latent frame j sees frames 4j-5 .. 4j+3")
+
+
 def check_fixtures(res) -> None:
     calls = load_file(str(FIX / "calls.safetensors"))
     same = all(torch.equal(res.calls[(r, b)]["v"], calls[f"r{r}.b{b}.v"]) for r, b in res.calls)
@@ -320,6 +333,7 @@ def main() -> None:
     check_ring_order()
     m = model()
     check_unpatchify(m)
+    check_audio_field(m)
     res = run(m)
     check_geometry(res)
     check_fixtures(res)
