@@ -3,7 +3,11 @@
 //! The launcher knows processes, the planner and the protocol; it never links CUDA
 //! (checked by tests/layering.rs).
 
+mod coordinator;
+mod env;
 mod plan;
+mod spawn;
+mod supervise;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +23,9 @@ struct Cli {
 enum Command {
     /// Capacity-planning dry run: per-rank memory and time for a model, GPU set and layout.
     Plan(Box<plan::PlanArgs>),
+    /// Start the job's workers, bring every rank to ready, and supervise them until a signal
+    /// (clean drain) or the death of any rank (exit code 5, peer lost).
+    Launch(Box<supervise::LaunchArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,5 +46,6 @@ fn main() -> std::process::ExitCode {
     };
     match cli.command {
         Command::Plan(args) => plan::run(&args),
+        Command::Launch(args) => supervise::run(&args),
     }
 }

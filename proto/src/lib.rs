@@ -77,6 +77,7 @@ impl WorkerState {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::worker::v1::*;
     use prost::Message;

@@ -228,6 +228,7 @@ impl From<Status> for Error {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -1,0 +1,422 @@
+//! Process supervision of `lava launch` with real `lava-worker` processes on CPU.
+//!
+//! Each test starts the launcher as a separate process, watches its output, and checks the
+//! workers through /proc: readiness of 4 ranks, a clean SIGTERM drain, SIGKILL of any rank
+//! ending the job with the peer-lost exit code and no orphans, workers dying with their
+//! launcher, and rank discovery from torchrun-style and Slurm variables with two launchers.
+//!
+//! The binaries are built once per run with `cargo build -p launcher -p worker` (cargo does
+//! not build other packages' binaries for this crate's tests); `LAVA_BIN_DIR` skips that.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// proto::exit::PEER_LOST, repeated here because this crate does not link the launcher.
+const PEER_LOST: i32 = 5;
+/// proto::exit::BAD_INPUT.
+const BAD_INPUT: i32 = 2;
+
+/// Cluster tests share 2 cores; one cluster at a time keeps the time bounds meaningful.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The folder holding `lava` and `lava-worker`, built on first use.
+fn bin_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("LAVA_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
+        // target/<profile>/deps/cluster-<hash> → target/<profile>
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "launcher", "-p", "worker", "--manifest-path"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "building lava and lava-worker failed");
+        dir
+    })
+}
+
+/// A running `lava launch` with its output collected.
+struct Launcher {
+    child: Child,
+    stdout: Receiver<String>,
+    stdout_seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Launcher {
+    fn start(args: &[&str], env: &[(&str, String)]) -> Launcher {
+        let mut cmd = Command::new(bin_dir().join("lava"));
+        cmd.arg("launch")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for var in [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "SLURM_PROCID",
+            "SLURM_JOB_ID",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let (tx, stdout) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Launcher {
+            child,
+            stdout,
+            stdout_seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// Reads stdout until a line starts with `prefix`; panics with the output after `timeout`.
+    fn wait_for(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    self.stdout_seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no {prefix:?} within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout_seen.join("\n"),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Worker pids by rank, from the registration lines seen so far.
+    fn worker_pids(&self) -> BTreeMap<u32, i32> {
+        // "lava: rank 2 registered: dit, pid 1234, 127.0.0.1:4567 on host"
+        self.stdout_seen
+            .iter()
+            .filter_map(|l| l.strip_prefix("lava: rank "))
+            .filter_map(|l| {
+                let (rank, rest) = l.split_once(" registered: ")?;
+                let pid = rest.split_once("pid ")?.1.split(',').next()?;
+                Some((rank.parse().ok()?, pid.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn signal(&self, sig: i32) {
+        kill(self.child.id() as i32, sig);
+    }
+
+    /// Waits for the launcher to exit; panics after `timeout`.
+    fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader threads drain the pipes.
+                thread::sleep(Duration::from_millis(100));
+                while let Ok(line) = self.stdout.try_recv() {
+                    self.stdout_seen.push(line);
+                }
+                return (status, t0.elapsed());
+            }
+            if t0.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!(
+                    "launcher still running after {timeout:?}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        // A failed assertion must not leave a cluster behind.
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.signal(libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+        for pid in self.worker_pids().values() {
+            if alive(*pid) {
+                kill(*pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Whether `pid` is a live (not zombie) lava-worker process.
+fn alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    if state == Some("Z") || state == Some("X") {
+        return false;
+    }
+    // A reused pid would not be one of our workers.
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("lava-worker"))
+        .unwrap_or(false)
+}
+
+/// Waits until none of `pids` is alive; returns the ones still alive after `timeout`.
+fn wait_dead(pids: &[i32], timeout: Duration) -> Vec<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_four() -> (Launcher, BTreeMap<u32, i32>) {
+    let mut l = Launcher::start(&["--nproc", "4", "--grace", "3"], &[]);
+    let ready = l.wait_for("lava: ready:", Duration::from_secs(60));
+    assert!(ready.contains("4 ranks"), "{ready}");
+    let pids = l.worker_pids();
+    assert_eq!(
+        pids.keys().copied().collect::<Vec<_>>(),
+        [0, 1, 2, 3],
+        "{:?}",
+        l.stdout_seen
+    );
+    assert!(
+        pids.values().all(|p| alive(*p)),
+        "a worker is not running: {pids:?}"
+    );
+    (l, pids)
+}
+
+#[test]
+fn four_ranks_come_up_ready_and_sigterm_drains_them() {
+    let _g = serial();
+    let (mut l, pids) = start_four();
+    for rank in 0..4 {
+        let healthy = format!("lava: rank {rank} healthy: registered, cpu:");
+        assert!(
+            l.stdout_seen.iter().any(|s| s.starts_with(&healthy)),
+            "no health line for rank {rank}: {:?}",
+            l.stdout_seen
+        );
+    }
+    l.signal(libc::SIGTERM);
+    let (status, _) = l.wait_exit(Duration::from_secs(20));
+    let stderr = l.stderr();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    // Every rank left through the Shutdown RPC, not a signal.
+    for rank in 0..4 {
+        assert!(
+            stderr.contains(&format!("[rank {rank} dit] exiting (Shutdown)")),
+            "rank {rank} did not drain:\n{stderr}"
+        );
+    }
+    let pid_list: Vec<i32> = pids.values().copied().collect();
+    assert_eq!(
+        wait_dead(&pid_list, Duration::from_secs(1)),
+        Vec::<i32>::new()
+    );
+}
+
+#[test]
+fn sigkill_of_any_worker_ends_the_job_with_peer_lost_and_no_orphans() {
+    let _g = serial();
+    for victim in 0..4u32 {
+        let (mut l, pids) = start_four();
+        kill(pids[&victim], libc::SIGKILL);
+        let (status, took) = l.wait_exit(Duration::from_secs(30));
+        let stderr = l.stderr();
+        assert_eq!(status.code(), Some(PEER_LOST), "victim {victim}:\n{stderr}");
+        assert!(
+            took < Duration::from_secs(10),
+            "job took {took:?} to end after rank {victim} died"
+        );
+        let named = format!(
+            "lava: error: rank {victim}: peer-lost: dit worker (pid {}) died: killed by signal 9",
+            pids[&victim]
+        );
+        assert!(
+            stderr.contains(&named),
+            "error does not name rank {victim}:\n{stderr}"
+        );
+        let pid_list: Vec<i32> = pids.values().copied().collect();
+        assert_eq!(
+            wait_dead(&pid_list, Duration::from_secs(1)),
+            Vec::<i32>::new(),
+            "orphans after rank {victim} died"
+        );
+    }
+}
+
+#[test]
+fn killing_the_launcher_makes_every_worker_exit() {
+    let _g = serial();
+    let (mut l, pids) = start_four();
+    l.signal(libc::SIGKILL);
+    l.wait_exit(Duration::from_secs(5));
+    let pid_list: Vec<i32> = pids.values().copied().collect();
+    assert_eq!(
+        wait_dead(&pid_list, Duration::from_secs(10)),
+        Vec::<i32>::new(),
+        "workers outlived their launcher"
+    );
+}
+
+#[test]
+fn a_missing_worker_binary_is_bad_input_and_spawns_nothing() {
+    let _g = serial();
+    let mut l = Launcher::start(
+        &["--nproc", "2", "--worker-bin", "/nonexistent/lava-worker"],
+        &[],
+    );
+    let (status, _) = l.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(BAD_INPUT), "{}", l.stderr());
+    assert!(
+        l.stderr().contains("/nonexistent/lava-worker"),
+        "{}",
+        l.stderr()
+    );
+    assert!(l.worker_pids().is_empty());
+}
+
+/// A port nobody listens on, in `lo..hi`.
+fn free_port(lo: u16, hi: u16) -> u16 {
+    let seed = std::process::id() as u16;
+    (0..hi - lo)
+        .map(|i| lo + (seed.wrapping_mul(7919).wrapping_add(i)) % (hi - lo))
+        .find(|p| std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok())
+        .unwrap()
+}
+
+/// Two launchers of 2 workers each form one job of 4 ranks; SIGTERM to the master drains both.
+fn two_launchers(env0: Vec<(&str, String)>, env1: Vec<(&str, String)>, source: &str) {
+    let mut master = Launcher::start(
+        &["--nproc", "2", "--grace", "3", "--health-interval", "1"],
+        &env0,
+    );
+    let mut other = Launcher::start(
+        &["--nproc", "2", "--grace", "3", "--health-interval", "1"],
+        &env1,
+    );
+    master.wait_for("lava: ready: 4 ranks", Duration::from_secs(60));
+    other.wait_for("lava: ready: 2 local ranks", Duration::from_secs(10));
+    assert_eq!(
+        master.worker_pids().keys().copied().collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    assert_eq!(
+        other.worker_pids().keys().copied().collect::<Vec<_>>(),
+        [2, 3]
+    );
+    assert!(
+        other.stderr().contains(&format!(
+            "lava: launcher 1 of 2 ({source}): ranks 2..4 of 4"
+        )),
+        "{}",
+        other.stderr()
+    );
+
+    master.signal(libc::SIGTERM);
+    let (status, _) = master.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", master.stderr());
+    let (status, _) = other.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", other.stderr());
+    let pids: Vec<i32> = master.worker_pids().values().copied().collect();
+    assert_eq!(wait_dead(&pids, Duration::from_secs(1)), Vec::<i32>::new());
+}
+
+#[test]
+fn torchrun_variables_join_two_launchers_into_one_job() {
+    let _g = serial();
+    let port = free_port(30000, 40000).to_string();
+    let env = |rank: &str| {
+        vec![
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", "2".to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.clone()),
+        ]
+    };
+    two_launchers(env("0"), env("1"), "Torchrun");
+}
+
+#[test]
+fn slurm_variables_join_two_launchers_into_one_job() {
+    let _g = serial();
+    // The master port comes from the job id (20000 + id % 10000) and the master host from the
+    // first entry of the expanded node list.
+    let port = free_port(20000, 30000);
+    let job_id = (port - 20000 + 10000).to_string();
+    let env = |procid: &str| {
+        vec![
+            ("SLURM_PROCID", procid.to_string()),
+            ("SLURM_NTASKS", "2".to_string()),
+            ("SLURM_LOCALID", procid.to_string()),
+            ("SLURM_JOB_NODELIST", "127.0.0.[1-2]".to_string()),
+            ("SLURM_JOB_ID", job_id.clone()),
+        ]
+    };
+    two_launchers(env("0"), env("1"), "Slurm");
+}

@@ -1,0 +1,404 @@
+//! The control-plane server of one rank (`Worker` in worker.proto) and its frame stream
+//! (`Frames` in frames.proto).
+//!
+//! Handlers run on the tokio threads and only read or update [`Shared`]; anything that needs
+//! the device goes to the compute thread through [`crate::compute`].
+
+use std::sync::{Mutex, PoisonError, mpsc};
+use std::time::{Duration, Instant};
+
+use proto::frames::v1 as fpb;
+use proto::worker::v1::{self as pb, rank_role::Role};
+use proto::{Error, ErrorKind};
+use tokio::sync::{oneshot, watch};
+use tonic::{Request, Response, Status};
+
+use crate::compute::Command;
+
+/// How long an expensive health probe waits for the compute thread.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What model execution needs and this build lacks, said the same way everywhere.
+const NO_MODEL: &str = "not available in this build: model execution lands with issue 4/6";
+
+/// Why the worker is leaving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The coordinator sent Shutdown: a clean exit.
+    Shutdown,
+    /// The launcher is gone (lifeline EOF): the job cannot continue.
+    LauncherGone,
+    /// SIGTERM or SIGINT arrived.
+    Signal(i32),
+}
+
+impl Stop {
+    /// The process exit code for this way of stopping.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Stop::Shutdown => proto::exit::OK,
+            Stop::LauncherGone => proto::exit::PEER_LOST,
+            // The shell convention for "terminated by signal N".
+            Stop::Signal(signal) => 128u8.saturating_add(u8::try_from(signal).unwrap_or(0)),
+        }
+    }
+}
+
+/// State shared by the handlers of one rank.
+#[derive(Debug)]
+pub struct Shared {
+    /// Global rank.
+    pub rank: u32,
+    /// Number of ranks.
+    pub world_size: u32,
+    /// The role this process was started with.
+    pub role: pb::RoleKind,
+    started: Instant,
+    state: Mutex<pb::WorkerState>,
+    plan: Mutex<Option<pb::InitRequest>>,
+    compute: mpsc::Sender<Command>,
+    stop: watch::Sender<Option<Stop>>,
+}
+
+impl Shared {
+    /// New shared state in `STARTING`.
+    pub fn new(
+        rank: u32,
+        world_size: u32,
+        role: pb::RoleKind,
+        compute: mpsc::Sender<Command>,
+        stop: watch::Sender<Option<Stop>>,
+    ) -> Self {
+        Shared {
+            rank,
+            world_size,
+            role,
+            started: Instant::now(),
+            state: Mutex::new(pb::WorkerState::Starting),
+            plan: Mutex::new(None),
+            compute,
+            stop,
+        }
+    }
+
+    /// Current lifecycle state.
+    pub fn state(&self) -> pb::WorkerState {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Moves to `next`.
+    pub fn set_state(&self, next: pb::WorkerState) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = next;
+    }
+
+    /// Asks the worker to stop; the first reason wins.
+    pub fn request_stop(&self, why: Stop) {
+        self.stop.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(why);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn err(&self, kind: ErrorKind, message: impl Into<String>) -> Status {
+        Error::rank(self.rank, kind, message).into()
+    }
+
+    /// Checks an Init against this process: same rank, world and role kind, a complete layout.
+    fn check_init(&self, init: &pb::InitRequest) -> Result<(), Status> {
+        let bad = |msg: String| self.err(ErrorKind::BadInput, msg);
+        if init.rank != self.rank {
+            return Err(bad(format!(
+                "Init for rank {} sent to rank {}",
+                init.rank, self.rank
+            )));
+        }
+        if init.world_size != self.world_size {
+            return Err(bad(format!(
+                "Init says world size {}, this worker was started with {}",
+                init.world_size, self.world_size
+            )));
+        }
+        let kind = match init.role.as_ref().and_then(|r| r.role.as_ref()) {
+            Some(Role::Dit(dit)) => {
+                check_dit(dit).map_err(bad)?;
+                pb::RoleKind::Dit
+            }
+            Some(Role::Vae(_)) => pb::RoleKind::Vae,
+            None => return Err(bad("Init carries no role".into())),
+        };
+        if kind != self.role {
+            return Err(bad(format!(
+                "Init gives role {}, this worker was started as {}",
+                kind.name(),
+                self.role.name()
+            )));
+        }
+        let world = usize::try_from(self.world_size).unwrap_or(usize::MAX);
+        if init.layout.len() != world {
+            return Err(bad(format!(
+                "layout lists {} ranks, world size is {world}",
+                init.layout.len()
+            )));
+        }
+        if let Some((i, entry)) = init
+            .layout
+            .iter()
+            .enumerate()
+            .find(|(i, e)| usize::try_from(e.rank).ok() != Some(*i))
+        {
+            return Err(bad(format!(
+                "layout entry {i} is rank {}, expected {i}",
+                entry.rank
+            )));
+        }
+        if init.model.as_ref().is_none_or(|m| m.name.is_empty()) {
+            return Err(bad("Init names no model".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The parallel degrees of a DiT role must be positive and each rank index inside its degree.
+fn check_dit(dit: &pb::DitRole) -> Result<(), String> {
+    let axes = [
+        ("tp", dit.tp_rank, dit.tp_size),
+        ("sp", dit.sp_rank, dit.sp_size),
+        ("pp", dit.pp_stage, dit.pp_size),
+        ("tpp", dit.tpp_stage, dit.tpp_size),
+    ];
+    for (axis, index, size) in axes {
+        if size == 0 || index >= size {
+            return Err(format!("{axis} index {index} is outside degree {size}"));
+        }
+    }
+    if dit.block_start >= dit.block_end {
+        return Err(format!(
+            "empty block range {}..{}",
+            dit.block_start, dit.block_end
+        ));
+    }
+    if dit.steps.is_empty() {
+        return Err("the role owns no denoising step".into());
+    }
+    Ok(())
+}
+
+/// The `Worker` service of this rank.
+#[derive(Debug)]
+pub struct WorkerService {
+    shared: std::sync::Arc<Shared>,
+}
+
+impl WorkerService {
+    /// Serves `shared`.
+    pub fn new(shared: std::sync::Arc<Shared>) -> Self {
+        WorkerService { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    async fn init(
+        &self,
+        request: Request<pb::InitRequest>,
+    ) -> Result<Response<pb::InitReply>, Status> {
+        let s = &self.shared;
+        let init = request.into_inner();
+        let state = s.state();
+        if state != pb::WorkerState::Registered {
+            return Err(s.err(
+                ErrorKind::WrongState,
+                format!("Init in state {}", state.name()),
+            ));
+        }
+        s.check_init(&init)?;
+        *s.plan.lock().unwrap_or_else(PoisonError::into_inner) = Some(init);
+        s.set_state(pb::WorkerState::Initialized);
+        log!("initialized");
+        Ok(Response::new(pb::InitReply {
+            rank: s.rank,
+            state: pb::WorkerState::Initialized.into(),
+        }))
+    }
+
+    async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadReply>, Status> {
+        Err(self
+            .shared
+            .err(ErrorKind::Unsupported, format!("Load is {NO_MODEL}")))
+    }
+
+    async fn generate(
+        &self,
+        _: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateReply>, Status> {
+        Err(self
+            .shared
+            .err(ErrorKind::Unsupported, format!("Generate is {NO_MODEL}")))
+    }
+
+    async fn cancel(
+        &self,
+        _: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelReply>, Status> {
+        // No generation can run in this build, so none was running.
+        Ok(Response::new(pb::CancelReply {
+            rank: self.shared.rank,
+            was_running: false,
+        }))
+    }
+
+    async fn shutdown(
+        &self,
+        request: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownReply>, Status> {
+        let s = &self.shared;
+        log!("shutdown requested: {}", request.get_ref().reason);
+        s.set_state(pb::WorkerState::Draining);
+        // The server shuts down gracefully, so this reply still reaches the caller.
+        s.request_stop(Stop::Shutdown);
+        Ok(Response::new(pb::ShutdownReply { rank: s.rank }))
+    }
+
+    async fn health(
+        &self,
+        request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthReply>, Status> {
+        let s = &self.shared;
+        let level = match request.get_ref().level() {
+            pb::HealthLevel::Device => pb::HealthLevel::Device,
+            pb::HealthLevel::Liveness | pb::HealthLevel::Unspecified => pb::HealthLevel::Liveness,
+        };
+        let mut reply = pb::HealthReply {
+            rank: s.rank,
+            state: s.state().into(),
+            pid: std::process::id(),
+            uptime_s: s.started.elapsed().as_secs(),
+            level: level.into(),
+            compute_roundtrip_us: 0,
+            device_detail: String::new(),
+        };
+        if level == pb::HealthLevel::Device {
+            let t0 = Instant::now();
+            let (tx, rx) = oneshot::channel();
+            s.compute
+                .send(Command::Probe(tx))
+                .map_err(|_| s.err(ErrorKind::Internal, "compute thread has exited"))?;
+            let probe = match tokio::time::timeout(PROBE_TIMEOUT, rx).await {
+                Ok(Ok(probe)) => probe,
+                Ok(Err(_)) => {
+                    return Err(s.err(ErrorKind::Internal, "compute thread dropped the probe"));
+                }
+                Err(_) => {
+                    return Err(s.err(
+                        ErrorKind::Internal,
+                        format!(
+                            "compute thread did not answer within {} s",
+                            PROBE_TIMEOUT.as_secs()
+                        ),
+                    ));
+                }
+            };
+            reply.compute_roundtrip_us =
+                u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+            reply.device_detail = probe.detail;
+        }
+        Ok(Response::new(reply))
+    }
+}
+
+/// The `Frames` service of this rank.
+#[derive(Debug)]
+pub struct FramesService {
+    shared: std::sync::Arc<Shared>,
+}
+
+impl FramesService {
+    /// Serves `shared`.
+    pub fn new(shared: std::sync::Arc<Shared>) -> Self {
+        FramesService { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl fpb::frames_server::Frames for FramesService {
+    type StreamFramesStream = tonic::codegen::BoxStream<fpb::FrameChunk>;
+
+    async fn stream_frames(
+        &self,
+        _: Request<fpb::StreamFramesRequest>,
+    ) -> Result<Response<Self::StreamFramesStream>, Status> {
+        Err(self.shared.err(
+            ErrorKind::Unsupported,
+            format!("frame streaming is {NO_MODEL}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn dit() -> pb::DitRole {
+        pb::DitRole {
+            tp_rank: 1,
+            tp_size: 2,
+            sp_rank: 0,
+            sp_size: 1,
+            pp_stage: 0,
+            pp_size: 1,
+            block_start: 0,
+            block_end: 40,
+            fsdp_size: 1,
+            tpp_stage: 0,
+            tpp_size: 1,
+            steps: vec![0, 1, 2, 3],
+            hosts_vae: false,
+        }
+    }
+
+    #[test]
+    fn dit_roles_outside_their_degrees_are_refused() {
+        assert!(check_dit(&dit()).is_ok());
+        assert!(
+            check_dit(&pb::DitRole {
+                tp_rank: 2,
+                ..dit()
+            })
+            .unwrap_err()
+            .contains("tp index 2")
+        );
+        assert!(
+            check_dit(&pb::DitRole {
+                sp_size: 0,
+                ..dit()
+            })
+            .is_err()
+        );
+        assert!(
+            check_dit(&pb::DitRole {
+                block_end: 0,
+                ..dit()
+            })
+            .is_err()
+        );
+        assert!(
+            check_dit(&pb::DitRole {
+                steps: vec![],
+                ..dit()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn stop_reasons_map_to_exit_codes() {
+        assert_eq!(Stop::Shutdown.exit_code(), 0);
+        assert_eq!(Stop::LauncherGone.exit_code(), proto::exit::PEER_LOST);
+        assert_eq!(Stop::Signal(libc::SIGTERM).exit_code(), 143);
+    }
+}
