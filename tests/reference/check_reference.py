@@ -10,7 +10,8 @@
 5. Audio encoder: latent frame j depends on the block's audio frames 4j-5 .. 4j+3 (§3.3 1,
    negative indices being copies of frame 0).
    Unpatchify places output (pt, ph, pw, c) with c fastest (§3.3 step 8).
-6. Regenerating the run reproduces every committed tensor bit for bit.
+6. Regenerating the run reproduces the committed calls, prefill K/V and intermediates bit for
+   bit.
 7. Sensitivity: each listed deviation from the spec moves the outputs by more than the Rust
    tolerance (rel L2 1e-5), so the golden tests can catch it.
 8. bf16 mode runs and stays close to float32.
@@ -38,7 +39,7 @@ sys.path.insert(0, str(HERE))
 
 import liveavatar_ref as ref  # noqa: E402
 from checkpoint_io import load_model  # noqa: E402
-from make_golden import BLOCKS_RUN, make_inputs  # noqa: E402
+from make_golden import RECORD, make_inputs  # noqa: E402
 from pipeline import flow_match_schedule, generate  # noqa: E402
 
 FIX = HERE.parent / "fixtures" / "dit_tiny"
@@ -62,12 +63,12 @@ def model(dtype=torch.float32, lora=True):
                       lo["alpha"], lo["rank"], dtype)
 
 
-def run(m, reprefill: bool = True) -> "object":
+def run(m, reprefill: bool = True, record: set | None = None) -> "object":
     s, sm = FULL["stream"], FULL["sampler"]
     with torch.no_grad():
         return generate(m, make_inputs(FULL), sm["sample_steps"], sm["shift"],
                         s["frames_per_block"], s["blocks_per_clip"], s["ring_frames"],
-                        reprefill=reprefill)
+                        record=record, reprefill=reprefill)
 
 
 def all_v(res) -> torch.Tensor:
@@ -185,9 +186,20 @@ def check_audio_field(m) -> None:
 
 def check_fixtures(res) -> None:
     calls = load_file(str(FIX / "calls.safetensors"))
-    same = all(torch.equal(res.calls[(r, b)]["v"], calls[f"r{r}.b{b}.v"]) for r, b in res.calls)
+    same = all(torch.equal(c["v"], calls[f"r{r}.b{b}.v"]) and
+               torch.equal(c["x"], calls[f"r{r}.b{b}.x"]) for (r, b), c in res.calls.items())
     same &= all(torch.equal(lat, calls[f"r{r}.latents"]) for r, lat in enumerate(res.latents))
-    check(same, "regenerated run equals the committed calls.safetensors bit for bit")
+    pre = load_file(str(FIX / "prefill.safetensors"))
+    for r, (ks, vs) in res.prefill_kv.items():
+        same &= all(torch.equal(k, pre[f"r{r}.blocks.{i}.cond_k"]) for i, k in enumerate(ks))
+        same &= all(torch.equal(v, pre[f"r{r}.blocks.{i}.cond_v"]) for i, v in enumerate(vs))
+    inter = load_file(str(FIX / "intermediates.safetensors"))
+    for (r, b, i), rec in res.records.items():
+        for k, v in rec.items():
+            if torch.is_tensor(v):
+                same &= torch.equal(v.float(), inter[f"r{r}.b{b}.s{i}.{k}"])
+    check(same and len(res.records) == len(RECORD),
+          "regenerated run equals the committed calls, prefill and intermediates bit for bit")
 
 
 @contextmanager
@@ -334,7 +346,7 @@ def main() -> None:
     m = model()
     check_unpatchify(m)
     check_audio_field(m)
-    res = run(m)
+    res = run(m, record=set(RECORD))
     check_geometry(res)
     check_fixtures(res)
     golden = all_v(res)
