@@ -144,6 +144,40 @@ impl Tensor {
         Ok(out)
     }
 
+    /// Stack equally shaped tensors along a new dim `dim`.
+    pub fn stack(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
+        let un: Vec<Tensor> = parts
+            .iter()
+            .map(|t| t.unsqueeze(dim))
+            .collect::<Result<_>>()?;
+        Tensor::cat(&un.iter().collect::<Vec<_>>(), dim)
+    }
+
+    /// Repeat size-1 dims (and prepend missing leading dims) to reach `shape`: an exact copy,
+    /// torch's `expand(...).contiguous()`.
+    pub fn broadcast_as(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let target = shape.into();
+        let err = || Error::BroadcastIncompatible {
+            op: "broadcast_as",
+            lhs: self.shape().clone(),
+            rhs: target.clone(),
+        };
+        if target.rank() < self.rank() {
+            return Err(err());
+        }
+        let mut dims = vec![1; target.rank() - self.rank()];
+        dims.extend_from_slice(self.dims());
+        let mut t = self.reshape(dims)?;
+        for (d, &n) in target.dims().iter().enumerate() {
+            match t.dims()[d] {
+                s if s == n => {}
+                1 => t = t.index_select(&vec![0; n], d)?,
+                _ => return Err(err()),
+            }
+        }
+        Ok(t)
+    }
+
     /// Write `src` into `self[.., start..start+src.dim(dim), ..]` in place (KV-cache writes).
     /// `src` must match `self` on every other dim and in dtype.
     pub fn slice_set(&self, src: &Tensor, dim: usize, start: usize) -> Result<()> {

@@ -299,6 +299,30 @@ impl Tensor {
     pub fn max_last(&self) -> Result<Tensor> {
         self.reduce_last(ReduceOp::Max)
     }
+    /// Reduce over any dim (moved last by a copy first); f32 result without that dim.
+    pub fn reduce_dim(&self, dim: usize, op: ReduceOp) -> Result<Tensor> {
+        let r = self.rank();
+        if dim >= r {
+            return Err(Error::DimOutOfRange {
+                op: "reduce_dim",
+                dim,
+                shape: self.shape().clone(),
+            });
+        }
+        if dim + 1 == r {
+            return self.reduce_last(op);
+        }
+        let mut perm: Vec<usize> = (0..r).filter(|&d| d != dim).collect();
+        perm.push(dim);
+        self.permute(&perm)?.reduce_last(op)
+    }
+    pub fn sum_dim(&self, dim: usize) -> Result<Tensor> {
+        self.reduce_dim(dim, ReduceOp::Sum)
+    }
+    pub fn mean_dim(&self, dim: usize) -> Result<Tensor> {
+        self.reduce_dim(dim, ReduceOp::Mean)
+    }
+
     /// max |x| over the whole tensor, read back to the host (synchronises).
     pub fn abs_max(&self) -> Result<f32> {
         let flat = self.reshape((1, self.elem_count()))?;
