@@ -82,6 +82,13 @@ pub enum Error {
         kind: crate::comm::CommErrorKind,
     },
 
+    // === Checkpoints ===
+    #[error("checkpoint {path}: {kind}")]
+    Checkpoint {
+        path: String,
+        kind: crate::weights::CheckpointErrorKind,
+    },
+
     // === Other ===
     #[error("tensor storage lock poisoned")]
     LockPoisoned,

@@ -44,8 +44,11 @@ pub mod comm;
 pub mod device;
 mod error;
 pub mod memory;
+pub mod models;
+pub mod sampling;
 pub mod tensor;
 pub mod testing;
+pub mod weights;
 
 pub use device::Device;
 pub use error::{Error, Result};

@@ -1,0 +1,7 @@
+//! Models on the runtime's tensors: one folder per family, one file per component, names as
+//! in the checkpoint and model-spec.md.
+
+pub mod var_builder;
+pub mod wan;
+
+pub use var_builder::VarBuilder;
