@@ -231,8 +231,14 @@ fn wait_dead(pids: &[i32], timeout: Duration) -> Vec<i32> {
     }
 }
 
+/// The role of rank `r` in [`start_four`]'s job.
+fn role(r: u32) -> &'static str {
+    if r == 3 { "vae" } else { "dit" }
+}
+
+/// Ranks 0-2 are DiT ranks, rank 3 the dedicated VAE rank.
 fn start_four() -> (Launcher, BTreeMap<u32, i32>) {
-    let mut l = Launcher::start(&["--nproc", "4", "--grace", "3"], &[]);
+    let mut l = Launcher::start(&["--nproc", "4", "--grace", "3", "--vae-rank", "3"], &[]);
     let ready = l.wait_for("lava: ready:", Duration::from_secs(60));
     assert!(ready.contains("4 ranks"), "{ready}");
     let pids = l.worker_pids();
@@ -268,7 +274,7 @@ fn four_ranks_come_up_ready_and_sigterm_drains_them() {
     // Every rank left through the Shutdown RPC, not a signal.
     for rank in 0..4 {
         assert!(
-            stderr.contains(&format!("[rank {rank} dit] exiting (Shutdown)")),
+            stderr.contains(&format!("[rank {rank} {}] exiting (Shutdown)", role(rank))),
             "rank {rank} did not drain:\n{stderr}"
         );
     }
@@ -293,12 +299,23 @@ fn sigkill_of_any_worker_ends_the_job_with_peer_lost_and_no_orphans() {
             "job took {took:?} to end after rank {victim} died"
         );
         let named = format!(
-            "lava: error: rank {victim}: peer-lost: dit worker (pid {}) died: killed by signal 9",
+            "lava: error: rank {victim}: peer-lost: {} worker (pid {}) died: killed by signal 9",
+            role(victim),
             pids[&victim]
         );
         assert!(
             stderr.contains(&named),
             "error does not name rank {victim}:\n{stderr}"
+        );
+        // The crash report includes the dead rank's stderr tail.
+        let tail = format!(
+            "lava:   [rank {victim} {}] registered with job",
+            role(victim)
+        );
+        let dump = stderr.find(&format!("lava: last stderr lines of rank {victim}:"));
+        assert!(
+            dump.is_some_and(|at| stderr[at..].contains(&tail)),
+            "no stderr tail for rank {victim}:\n{stderr}"
         );
         let pid_list: Vec<i32> = pids.values().copied().collect();
         assert_eq!(

@@ -395,6 +395,111 @@ mod tests {
         );
     }
 
+    fn shared(rank: u32, world_size: u32) -> std::sync::Arc<Shared> {
+        let (compute, _) = mpsc::channel();
+        let (stop, _) = watch::channel(None);
+        std::sync::Arc::new(Shared::new(
+            rank,
+            world_size,
+            pb::RoleKind::Dit,
+            compute,
+            stop,
+        ))
+    }
+
+    fn init(rank: u32, world_size: u32, role: Role) -> pb::InitRequest {
+        pb::InitRequest {
+            job_id: "j".into(),
+            rank,
+            world_size,
+            role: Some(pb::RankRole { role: Some(role) }),
+            layout: (0..world_size)
+                .map(|rank| pb::RankEntry {
+                    rank,
+                    ..Default::default()
+                })
+                .collect(),
+            model: Some(pb::ModelRef {
+                name: "wan-tiny".into(),
+                ..Default::default()
+            }),
+            nccl_unique_id: vec![],
+            comm_rendezvous_address: String::new(),
+        }
+    }
+
+    fn refusal(s: &Shared, req: &pb::InitRequest) -> Error {
+        Error::from(s.check_init(req).unwrap_err())
+    }
+
+    #[test]
+    fn init_must_match_the_rank_it_reaches() {
+        let s = shared(1, 2);
+        assert!(s.check_init(&init(1, 2, Role::Dit(dit()))).is_ok());
+        let wrong_rank = refusal(&s, &init(0, 2, Role::Dit(dit())));
+        assert_eq!(
+            (wrong_rank.rank_id(), wrong_rank.kind()),
+            (Some(1), ErrorKind::BadInput)
+        );
+        assert!(
+            refusal(&s, &init(1, 3, Role::Dit(dit())))
+                .message()
+                .contains("world size 3")
+        );
+        assert!(
+            refusal(&s, &init(1, 2, Role::Vae(pb::VaeRole::default())))
+                .message()
+                .contains("role vae")
+        );
+        let mut shuffled = init(1, 2, Role::Dit(dit()));
+        shuffled.layout.reverse();
+        assert!(refusal(&s, &shuffled).message().contains("layout entry 0"));
+        let mut nameless = init(1, 2, Role::Dit(dit()));
+        nameless.model = None;
+        assert!(refusal(&s, &nameless).message().contains("no model"));
+    }
+
+    #[test]
+    fn init_is_accepted_once_and_only_after_registration() {
+        use pb::worker_server::Worker as _;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let s = shared(1, 2);
+        let service = WorkerService::new(s.clone());
+        let call = || rt.block_on(service.init(Request::new(init(1, 2, Role::Dit(dit())))));
+        assert_eq!(call().unwrap_err().code(), tonic::Code::FailedPrecondition);
+        s.set_state(pb::WorkerState::Registered);
+        assert_eq!(
+            call().unwrap().into_inner().state(),
+            pb::WorkerState::Initialized
+        );
+        assert_eq!(s.state(), pb::WorkerState::Initialized);
+        assert_eq!(call().unwrap_err().code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[test]
+    fn model_calls_say_they_are_not_available_rather_than_pretend() {
+        use pb::worker_server::Worker as _;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let service = WorkerService::new(shared(0, 1));
+        let err = rt
+            .block_on(service.generate(Request::new(pb::GenerateRequest::default())))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
+        assert!(
+            err.message().contains("not available in this build"),
+            "{}",
+            err.message()
+        );
+        let err = rt
+            .block_on(service.load(Request::new(pb::LoadRequest::default())))
+            .unwrap_err();
+        assert_eq!(Error::from(err).rank_id(), Some(0));
+    }
+
     #[test]
     fn stop_reasons_map_to_exit_codes() {
         assert_eq!(Stop::Shutdown.exit_code(), 0);
