@@ -1,0 +1,81 @@
+//! Named weight access with prefixes (`vb.pp("blocks.0").pp("self_attn")`), so model code
+//! mirrors the checkpoint keys (candle's `VarBuilder` pattern).
+
+use crate::memory::{Category, scope};
+use crate::weights::{Checkpoint, CheckpointErrorKind, Lora};
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Loads tensors of one checkpoint (with an optional LoRA merged at load) in `dtype`.
+#[derive(Debug, Clone)]
+pub struct VarBuilder<'a> {
+    ckpt: &'a Checkpoint,
+    lora: Option<&'a Lora>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl<'a> VarBuilder<'a> {
+    /// `dtype` is the activation dtype of the model (bf16 in production, f32 for the golden
+    /// tests); weights are converted to it after the LoRA merge (model-spec §2.4 order).
+    pub fn new(ckpt: &'a Checkpoint, lora: Option<&'a Lora>, dtype: DType, device: Device) -> Self {
+        Self {
+            ckpt,
+            lora,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    /// A builder for the sub-module `name`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Tensor `name` of this module with the expected shape, merged with its LoRA if adapted,
+    /// converted to the model dtype (charged to the weights category).
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = self.full(name);
+        let _g = scope(Category::Weights);
+        let stored = self.ckpt.tensor(&full, &self.device)?;
+        if stored.dims() != shape {
+            return Err(Error::Checkpoint {
+                path: self.ckpt.dir().display().to_string(),
+                kind: CheckpointErrorKind::ShapeMismatch {
+                    name: full,
+                    expected: shape.to_vec(),
+                    got: stored.dims().to_vec(),
+                },
+            });
+        }
+        let merged = match (self.lora, full.strip_suffix(".weight")) {
+            (Some(lora), Some(module)) => lora.merge(module, &stored)?,
+            _ => None,
+        };
+        merged.unwrap_or(stored).to_dtype(self.dtype)
+    }
+}

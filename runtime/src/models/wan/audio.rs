@@ -1,0 +1,182 @@
+//! The causal audio encoder (`casual_audio_encoder`, model-spec §3.3 step 1) and the audio
+//! injectors (`audio_injector`, §3.3.2).
+
+use super::super::VarBuilder;
+use super::attention::{Linear, WanAttention, sdpa};
+use super::config::WanConfig;
+use crate::device::PadMode;
+use crate::{Conv1dOpts, DType, Result, Tensor};
+
+/// `CausalConv1d`: kernel 3, left replicate padding of 2, in f32.
+#[derive(Debug, Clone)]
+pub struct CausalConv1d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub stride: usize,
+}
+
+impl CausalConv1d {
+    fn load(vb: &VarBuilder, c_out: usize, c_in: usize, stride: usize) -> Result<Self> {
+        let vb = vb.pp("conv");
+        Ok(Self {
+            weight: vb.get("weight", &[c_out, c_in, 3])?.to_dtype(DType::F32)?,
+            bias: vb.get("bias", &[c_out])?.to_dtype(DType::F32)?,
+            stride,
+        })
+    }
+
+    /// x `[B, C, T]` f32.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let opts = Conv1dOpts {
+            stride: self.stride,
+            groups: 1,
+            pad: (2, 0),
+            pad_mode: PadMode::Replicate,
+        };
+        x.conv1d(&self.weight, Some(&self.bias), opts, DType::F32)
+    }
+}
+
+/// `casual_audio_encoder` (sic): SiLU-weighted mean of the wav2vec2 layers, then a local and
+/// a global path of causal convs that share conv2/conv3, all in f32.
+#[derive(Debug, Clone)]
+pub struct CausalAudioEncoder {
+    pub weights: Tensor,
+    pub conv1_local: CausalConv1d,
+    pub conv1_global: CausalConv1d,
+    pub conv2: CausalConv1d,
+    pub conv3: CausalConv1d,
+    pub final_linear: Linear,
+    pub padding_tokens: Tensor,
+    pub num_audio_token: usize,
+    pub motion_frames: usize,
+    pub eps: f32,
+}
+
+impl CausalAudioEncoder {
+    pub fn load(vb: &VarBuilder, c: &WanConfig) -> Result<Self> {
+        let (d, q) = (c.dim, c.dim / 4);
+        let enc = vb.pp("encoder");
+        Ok(Self {
+            weights: vb
+                .get("weights", &[1, c.audio_layers, 1, 1])?
+                .to_dtype(DType::F32)?,
+            conv1_local: CausalConv1d::load(
+                &enc.pp("conv1_local"),
+                q * c.num_audio_token,
+                c.audio_dim,
+                1,
+            )?,
+            conv1_global: CausalConv1d::load(&enc.pp("conv1_global"), q, c.audio_dim, 1)?,
+            conv2: CausalConv1d::load(&enc.pp("conv2"), d / 2, q, 2)?,
+            conv3: CausalConv1d::load(&enc.pp("conv3"), d, d / 2, 2)?,
+            final_linear: Linear::load(&enc.pp("final_linear"), d, d)?.to_f32()?,
+            padding_tokens: enc
+                .get("padding_tokens", &[1, 1, 1, d])?
+                .to_dtype(DType::F32)?,
+            num_audio_token: c.num_audio_token,
+            motion_frames: c.motion_frames,
+            eps: c.eps,
+        })
+    }
+
+    /// LayerNorm (no affine) over channels of `[B, C, T]`, then SiLU.
+    fn norm_act(&self, y: &Tensor) -> Result<Tensor> {
+        y.transpose(1, 2)?
+            .layer_norm(None, None, self.eps, DType::F32)?
+            .silu()?
+            .transpose(1, 2)
+    }
+
+    /// audio `[1, layers, audio_dim, 4F]` (one block's video frames) → audio tokens
+    /// `[1, F, num_audio_token + 1, dim]` and global vectors `[F, dim]`, both in `act`.
+    pub fn forward(&self, audio: &Tensor, act: DType) -> Result<(Tensor, Tensor)> {
+        let (_, layers, c_in, t) = audio.dims4()?;
+        let frames = t / 4;
+        // 73 copies of the block's first frame in front.
+        let ids: Vec<u32> = std::iter::repeat_n(0, self.motion_frames)
+            .chain(0..t as u32)
+            .collect();
+        let x = audio.to_dtype(DType::F32)?.index_select(&ids, 3)?;
+        let tt = ids.len();
+        let w = self.weights.silu()?.reshape((1, layers))?;
+        let feat = w
+            .matmul(&x.reshape((layers, c_in * tt))?)?
+            .div(&w.sum_last()?)?
+            .reshape((1, c_in, tt))?;
+
+        let loc = self.conv1_local.forward(&feat)?;
+        let (_, ch, t1) = loc.dims3()?;
+        // Contiguous channel groups become a batch of num_audio_token sequences.
+        let loc = loc.reshape((self.num_audio_token, ch / self.num_audio_token, t1))?;
+        let loc = self.norm_act(&loc)?;
+        let loc = self.norm_act(&self.conv2.forward(&loc)?)?;
+        let loc = self.norm_act(&self.conv3.forward(&loc)?)?; // [n, dim, T3]
+        let (_, d, t3) = loc.dims3()?;
+        let loc = loc.permute(&[2, 0, 1])?.unsqueeze(0)?; // [1, T3, n, dim]
+        let pad = self.padding_tokens.index_select(&vec![0; t3], 1)?;
+        let tokens = Tensor::cat(&[&loc, &pad], 2)?.narrow(1, t3 - frames, frames)?;
+
+        let g = self.norm_act(&self.conv1_global.forward(&feat)?)?;
+        let g = self.norm_act(&self.conv2.forward(&g)?)?;
+        let g = self.norm_act(&self.conv3.forward(&g)?)?;
+        let g = self
+            .final_linear
+            .forward(&g.transpose(1, 2)?)?
+            .reshape((t3, d))?
+            .narrow(0, t3 - frames, frames)?;
+        Ok((tokens.to_dtype(act)?, g.to_dtype(act)?))
+    }
+}
+
+/// `audio_injector`: per injector a cross-attention (`injector.{j}`) whose query is an
+/// AdaLayerNorm of the tokens driven by the frame's global audio vector
+/// (`injector_adain_layers.{j}.linear`, shift then scale, eps 1e-5).
+#[derive(Debug, Clone)]
+pub struct AudioInjector {
+    pub injector: Vec<WanAttention>,
+    pub injector_adain_layers: Vec<Linear>,
+    pub adain_eps: f32,
+}
+
+impl AudioInjector {
+    pub fn load(vb: &VarBuilder, c: &WanConfig) -> Result<Self> {
+        let n = c.audio_inject_layers.len();
+        let d = c.dim;
+        Ok(Self {
+            injector: (0..n)
+                .map(|j| WanAttention::load(&vb.pp("injector").pp(j), d, c.num_heads, c.eps))
+                .collect::<Result<_>>()?,
+            injector_adain_layers: (0..n)
+                .map(|j| Linear::load(&vb.pp("injector_adain_layers").pp(j).pp("linear"), 2 * d, d))
+                .collect::<Result<_>>()?,
+            adain_eps: c.adain_eps,
+        })
+    }
+
+    /// Injector `j` on the noisy tokens x `[1, Lq, dim]`; tokens `[1, F, 5, dim]`,
+    /// global `[F, dim]`. Each frame's queries attend only to that frame's audio tokens; the
+    /// result is added in the activation dtype.
+    pub fn forward(
+        &self,
+        j: usize,
+        x: &Tensor,
+        tokens: &Tensor,
+        global: &Tensor,
+    ) -> Result<Tensor> {
+        let act = x.dtype();
+        let (_, lq, d) = x.dims3()?;
+        let (_, frames, n, _) = tokens.dims4()?;
+        let h = x.reshape((frames, lq / frames, d))?;
+        let ada = self.injector_adain_layers[j].forward(&global.silu()?)?;
+        let shift = ada.narrow(1, 0, d)?.unsqueeze(1)?;
+        let scale = ada.narrow(1, d, d)?.unsqueeze(1)?;
+        let u = h.layer_norm(None, None, self.adain_eps, act)?;
+        let u = u.mul(&scale.affine(1.0, 1.0)?)?.add(&shift)?;
+        let att = &self.injector[j];
+        let q = att.query(&u)?;
+        let (k, v) = att.key_value(&tokens.reshape((frames, n, d))?)?;
+        let out = att.out(&sdpa(&q, &k, &v)?)?;
+        h.add(&out)?.reshape((1, lq, d))
+    }
+}

@@ -1,0 +1,152 @@
+//! Streaming KV state (model-spec §4.3, §4.4): one [`StepCache`] per denoising step, each
+//! with a ring of `ring_frames·fsl` roped noisy keys/values per layer and the un-roped sink
+//! keys/values of exactly Lc rows (sized from the geometry, no fixed 3000-row buffer).
+
+use super::attention::sdpa;
+use super::block::SelfAttnKv;
+use super::config::{StreamGeometry, WanConfig};
+use super::rope::RopeTable;
+use crate::memory::{Category, scope};
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// The KV cache of one denoising step.
+#[derive(Debug)]
+pub struct StepCache {
+    geom: StreamGeometry,
+    /// Roped noisy keys / values per layer, `[ring_len, heads, head_dim]`.
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Un-roped (post-RMSNorm) sink keys and the sink values per layer, `[Lc, heads, head_dim]`.
+    cond_k: Vec<Option<Tensor>>,
+    cond_v: Vec<Option<Tensor>>,
+}
+
+impl StepCache {
+    /// Allocate the rings (charged to the KV-cache category); the sink is filled by a prefill.
+    pub fn new(
+        cfg: &WanConfig,
+        geom: StreamGeometry,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let _g = scope(Category::KvCache);
+        let shape = (geom.ring_len(), cfg.num_heads, cfg.head_dim());
+        let ring = || -> Result<Vec<Tensor>> {
+            (0..cfg.num_layers)
+                .map(|_| Tensor::zeros(shape, dtype, device))
+                .collect()
+        };
+        Ok(Self {
+            geom,
+            k: ring()?,
+            v: ring()?,
+            cond_k: vec![None; cfg.num_layers],
+            cond_v: vec![None; cfg.num_layers],
+        })
+    }
+
+    pub fn geometry(&self) -> &StreamGeometry {
+        &self.geom
+    }
+
+    /// Whether every layer has its sink.
+    pub fn is_prefilled(&self) -> bool {
+        self.cond_k.iter().all(Option::is_some)
+    }
+
+    /// Sink keys (un-roped) and values of `layer`, if prefilled.
+    pub fn sink(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        Some((
+            self.cond_k.get(layer)?.as_ref()?,
+            self.cond_v.get(layer)?.as_ref()?,
+        ))
+    }
+
+    /// Ring write offset and active window (tokens) of a call starting at token
+    /// `current_start` (§4.4): clip 0 grows the window, later the whole ring is active.
+    pub fn window(&self, current_start: usize) -> Result<(usize, usize)> {
+        let (ring, lq) = (self.geom.ring_len(), self.geom.lq());
+        if current_start % lq != 0 {
+            return Err(Error::invalid(
+                "StepCache",
+                format!("current_start {current_start} is not a multiple of Lq {lq}"),
+            ));
+        }
+        let write = current_start % ring;
+        let window = if current_start < ring {
+            current_start + lq
+        } else {
+            ring
+        };
+        Ok((write, window))
+    }
+
+    /// Keys attended per layer by a call at `current_start`: window + sink.
+    pub fn key_len(&self, current_start: usize) -> Result<usize> {
+        let sink = self.cond_k[0].as_ref().map_or(0, |k| k.dims()[0]);
+        Ok(self.window(current_start)?.1 + sink)
+    }
+}
+
+fn rows(t: &Tensor) -> Result<Tensor> {
+    let (_, l, h, d) = t.dims4()?;
+    t.reshape((l, h, d))
+}
+
+/// The prefill's self-attention: sink tokens attend to each other with the prefill's RoPE
+/// table; the un-roped keys and the values are stored as the sink (§4.2 step 5).
+#[derive(Debug)]
+pub struct PrefillKv<'a> {
+    pub cache: &'a mut StepCache,
+    pub rope: &'a RopeTable,
+}
+
+impl SelfAttnKv for PrefillKv<'_> {
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        {
+            let _g = scope(Category::KvCache);
+            self.cache.cond_k[layer] = Some(rows(k)?.try_clone()?);
+            self.cache.cond_v[layer] = Some(rows(v)?.try_clone()?);
+        }
+        let act = q.dtype();
+        let r = self.rope;
+        let q = q.rope_interleaved(&r.cos, &r.sin, act)?;
+        let k = k.rope_interleaved(&r.cos, &r.sin, act)?;
+        sdpa(&q, &k, v)
+    }
+}
+
+/// A streaming call's self-attention (§3.3.3): rotate q and k at the noisy positions, write
+/// k/v into the ring, attend to the active window followed by the sink keys rotated with
+/// this call's sink table.
+#[derive(Debug)]
+pub struct StreamKv<'a> {
+    pub cache: &'a mut StepCache,
+    pub noisy: &'a RopeTable,
+    pub cond: &'a RopeTable,
+    pub write: usize,
+    pub window: usize,
+}
+
+impl SelfAttnKv for StreamKv<'_> {
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let act = q.dtype();
+        let q = q.rope_interleaved(&self.noisy.cos, &self.noisy.sin, act)?;
+        let k = k.rope_interleaved(&self.noisy.cos, &self.noisy.sin, act)?;
+        let c = &mut *self.cache;
+        c.k[layer].slice_set(&rows(&k)?, 0, self.write)?;
+        c.v[layer].slice_set(&rows(v)?, 0, self.write)?;
+        let (Some(ck), Some(cv)) = (&c.cond_k[layer], &c.cond_v[layer]) else {
+            return Err(Error::invalid(
+                "StreamKv",
+                "streaming call before the prefill",
+            ));
+        };
+        let ck = ck
+            .unsqueeze(0)?
+            .rope_interleaved(&self.cond.cos, &self.cond.sin, act)?;
+        let keys = Tensor::cat(&[&c.k[layer].narrow(0, 0, self.window)?, &rows(&ck)?], 0)?;
+        let vals = Tensor::cat(&[&c.v[layer].narrow(0, 0, self.window)?, cv], 0)?;
+        sdpa(&q, &keys.unsqueeze(0)?, &vals.unsqueeze(0)?)
+    }
+}
