@@ -1,8 +1,9 @@
-//! NcclComm on device buffers (feature `cuda`): every collective with 2 ranks, one
-//! process per GPU, plus a peer that dies. Children re-run this binary with
-//! `LAVA_NCCL_ROLE` set (the ignored test `nccl_child` is their entry point).
+//! NcclComm on device buffers and CUDA tensors (feature `cuda`): every collective,
+//! one process per GPU (`LAVA_NCCL_WORLD` ranks, default 2), a peer that dies and an
+//! abort from another thread. Children re-run this binary with `LAVA_NCCL_ROLE` set
+//! (the ignored test `nccl_child` is their entry point).
 //!
-//! Run on a machine with 2 GPUs and libnccl on LD_LIBRARY_PATH:
+//! Run on a machine with enough GPUs and libnccl on LD_LIBRARY_PATH:
 //! `cargo test -p runtime --features cuda --test comm_nccl -- --ignored`.
 
 #![cfg(feature = "cuda")]
@@ -18,7 +19,13 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use runtime::comm::{Comm, CommErrorKind, NcclComm, NcclId, ReduceOp};
 use runtime::{DType, Device, Error};
 
-const WORLD: usize = 2;
+/// Ranks, one GPU each: `LAVA_NCCL_world()`, default 2.
+fn world() -> usize {
+    std::env::var("LAVA_NCCL_world()")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(2)
+}
 const ROLE: &str = "LAVA_NCCL_ROLE";
 
 #[test]
@@ -62,14 +69,16 @@ fn run_collectives(c: &NcclComm, stream: &Arc<CudaStream>) {
         .unwrap();
     c.synchronize().unwrap();
     assert!(
-        download(stream, &y).iter().all(|&v| v == 3.0),
+        download(stream, &y)
+            .iter()
+            .all(|&v| v == (w * (w + 1) / 2) as f32),
         "all_reduce sum"
     );
     c.all_reduce_bytes(&x, &mut y, 1000, f, ReduceOp::Max)
         .unwrap();
     c.synchronize().unwrap();
     assert!(
-        download(stream, &y).iter().all(|&v| v == 2.0),
+        download(stream, &y).iter().all(|&v| v == w as f32),
         "all_reduce max"
     );
 
@@ -112,7 +121,7 @@ fn run_collectives(c: &NcclComm, stream: &Arc<CudaStream>) {
         .collect();
     assert_eq!(download(stream, &y), want, "all_to_all");
 
-    let x = upload(stream, &vec![r as f32 + 7.0; 16]);
+    let x = upload(stream, &[r as f32 + 7.0; 16]);
     let mut y = zeros(stream, 16);
     c.broadcast_bytes(&x, &mut y, 16, f, 1).unwrap();
     c.synchronize().unwrap();
@@ -121,7 +130,7 @@ fn run_collectives(c: &NcclComm, stream: &Arc<CudaStream>) {
     if r == 0 {
         c.send_bytes(&upload(stream, &[1.5, 2.5, 3.5]), 3, f, 1)
             .unwrap();
-    } else {
+    } else if r == 1 {
         let mut y = zeros(stream, 3);
         c.recv_bytes(&mut y, 3, f, 0).unwrap();
         c.synchronize().unwrap();
@@ -146,7 +155,11 @@ fn run_collectives(c: &NcclComm, stream: &Arc<CudaStream>) {
     let mut y = zeros(stream, w);
     both.all_gather_bytes(&x, &mut y, 1, f).unwrap();
     both.synchronize().unwrap();
-    assert_eq!(download(stream, &y), vec![0.0, 1.0], "split all_gather");
+    assert_eq!(
+        download(stream, &y),
+        (0..w).map(|i| i as f32).collect::<Vec<_>>(),
+        "split all_gather"
+    );
     c.barrier().unwrap();
     c.check().unwrap();
 }
@@ -165,14 +178,14 @@ fn nccl_child() {
     if role == "tensor" {
         // Collectives on CUDA tensors, on the backend's stream.
         let timeout = Duration::from_secs(60);
-        let comm = NcclComm::init_on_device(&id, rank, WORLD, rank, timeout).unwrap();
+        let comm = NcclComm::init_on_device(&id, rank, world(), rank, timeout).unwrap();
         run_tensor_collectives(&comm, &Device::Cuda(rank));
         Comm::synchronize(&comm).unwrap();
         return;
     }
     let ctx = CudaContext::new(rank).unwrap();
     let stream = ctx.new_stream().unwrap();
-    let comm = NcclComm::init(&id, rank, WORLD, stream.clone(), Duration::from_secs(60)).unwrap();
+    let comm = NcclComm::init(&id, rank, world(), stream.clone(), Duration::from_secs(60)).unwrap();
     match role.as_str() {
         "collectives" => run_collectives(&comm, &stream),
         "dead_peer" => {
@@ -196,6 +209,42 @@ fn nccl_child() {
                 "the communicator is aborted afterwards"
             );
         }
+        "abort" => {
+            comm.barrier().unwrap();
+            if rank == 1 {
+                std::process::exit(17);
+            }
+            // A generous timeout: only the abort from another thread can end the wait.
+            comm.set_timeout(Duration::from_secs(60));
+            let comm = Arc::new(comm);
+            let aborter = {
+                let comm = Arc::clone(&comm);
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(500));
+                    comm.abort();
+                })
+            };
+            let start = Instant::now();
+            let x = upload(&stream, &[1.0; 1 << 20]);
+            let mut y = zeros(&stream, 1 << 20);
+            let res = comm
+                .all_reduce_bytes(&x, &mut y, 1 << 20, DType::F32, ReduceOp::Sum)
+                .and_then(|()| comm.synchronize());
+            let elapsed = start.elapsed();
+            aborter.join().unwrap();
+            println!("rank {rank}: {res:?} after {elapsed:?}");
+            assert!(
+                matches!(
+                    res,
+                    Err(Error::Comm {
+                        kind: CommErrorKind::Aborted,
+                        ..
+                    })
+                ),
+                "{res:?}"
+            );
+            assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -203,7 +252,7 @@ fn nccl_child() {
 fn run_processes(role: &str) -> Vec<Option<i32>> {
     let id = NcclId::new().unwrap();
     let hex: String = id.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    let mut children: Vec<_> = (0..WORLD)
+    let mut children: Vec<_> = (0..world())
         .map(|r| {
             std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
@@ -216,13 +265,14 @@ fn run_processes(role: &str) -> Vec<Option<i32>> {
                 .env(ROLE, role)
                 .env("LAVA_NCCL_RANK", r.to_string())
                 .env("LAVA_NCCL_ID", &hex)
+                .env("LAVA_NCCL_WORLD", world().to_string())
                 .spawn()
                 .unwrap()
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut codes = vec![None; WORLD];
-    let mut done = [false; WORLD];
+    let mut codes = vec![None; world()];
+    let mut done = vec![false; world()];
     while done.iter().any(|d| !d) {
         for (i, c) in children.iter_mut().enumerate() {
             if !done[i]
@@ -242,19 +292,35 @@ fn run_processes(role: &str) -> Vec<Option<i32>> {
 }
 
 #[test]
-#[ignore = "needs 2 GPUs and a loadable libnccl"]
-fn nccl_collectives_two_gpus() {
-    assert_eq!(run_processes("collectives"), vec![Some(0); WORLD]);
+#[ignore = "needs LAVA_NCCL_WORLD (default 2) GPUs and a loadable libnccl"]
+fn nccl_collectives_on_gpus() {
+    assert_eq!(run_processes("collectives"), vec![Some(0); world()]);
 }
 
 #[test]
-#[ignore = "needs 2 GPUs and a loadable libnccl"]
-fn nccl_tensor_collectives_two_gpus() {
-    assert_eq!(run_processes("tensor"), vec![Some(0); WORLD]);
+#[ignore = "needs LAVA_NCCL_WORLD (default 2) GPUs and a loadable libnccl"]
+fn nccl_tensor_collectives_on_gpus() {
+    assert_eq!(run_processes("tensor"), vec![Some(0); world()]);
 }
 
 #[test]
-#[ignore = "needs 2 GPUs and a loadable libnccl"]
-fn nccl_dead_peer_two_gpus() {
-    assert_eq!(run_processes("dead_peer"), vec![Some(0), Some(17)]);
+#[ignore = "needs LAVA_NCCL_WORLD (default 2) GPUs and a loadable libnccl"]
+fn nccl_abort_from_another_thread_on_gpus() {
+    assert_eq!(
+        run_processes("abort"),
+        (0..world())
+            .map(|r| Some(if r == 1 { 17 } else { 0 }))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+#[ignore = "needs LAVA_NCCL_WORLD (default 2) GPUs and a loadable libnccl"]
+fn nccl_dead_peer_on_gpus() {
+    assert_eq!(
+        run_processes("dead_peer"),
+        (0..world())
+            .map(|r| Some(if r == 1 { 17 } else { 0 }))
+            .collect::<Vec<_>>()
+    );
 }
