@@ -311,6 +311,28 @@ fn abort_unblocks_a_waiting_operation() {
 }
 
 #[test]
+fn missing_rank_fails_the_rendezvous_in_time() {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let o = SocketOptions {
+        timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_millis(500),
+    };
+    // World 3, but only rank 1 ever joins.
+    let joiner = std::thread::spawn(move || SocketComm::join(addr, 1, 3, o));
+    let start = Instant::now();
+    let e = SocketComm::host(l, 3, o).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(e.to_string().contains("1 of 2 ranks joined"), "{e}");
+    // The joiner gets no rank table and fails too, instead of waiting forever.
+    let e = joiner.join().unwrap().unwrap_err();
+    assert!(matches!(kind(&e), CommErrorKind::Rendezvous(_)), "{e}");
+    // A rank outside the world is refused before any connection.
+    let e = SocketComm::join(addr, 3, 3, o).unwrap_err();
+    assert!(matches!(kind(&e), CommErrorKind::InvalidArgument(_)), "{e}");
+}
+
+#[test]
 fn mismatched_sizes_are_a_protocol_error() {
     let results = on_threads(2, 5_000, |c| {
         let n = if c.rank() == 0 { 4 } else { 8 };

@@ -1,5 +1,5 @@
 //! [`Comm`] for [`SocketComm`]: CPU tensors in, CPU tensors out, over the host
-//! collectives of `socket.rs`.
+//! collectives of [`super::socket`].
 
 use std::time::Duration;
 
