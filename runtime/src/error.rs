@@ -89,6 +89,10 @@ pub enum Error {
         kind: crate::weights::CheckpointErrorKind,
     },
 
+    // === PyTorch .pth archives ===
+    #[error("{path}: {msg}")]
+    Pth { path: String, msg: String },
+
     // === Other ===
     #[error("tensor storage lock poisoned")]
     LockPoisoned,

@@ -1,7 +1,9 @@
 //! Models on the runtime's tensors: one folder per family, one file per component, names as
 //! in the checkpoint and model-spec.md.
 
+pub mod vae;
 pub mod var_builder;
+pub mod vars;
 pub mod wan;
 
 pub use var_builder::VarBuilder;
