@@ -2,6 +2,7 @@
 //!
 //! `cargo metadata --all-features` resolves every optional dependency (cudarc included), so a
 //! `cuda` feature cannot sneak CUDA into the launcher either.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;

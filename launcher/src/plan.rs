@@ -170,7 +170,10 @@ fn parse_common(a: &PlanArgs) -> Result<Parsed, PlanError> {
     let motion_latents = model.dit.motion_latents();
     let latents = (a.infer_frames + 3 + model.dit.motion_frames) / 4;
     let fpb = model.stream.frames_per_block;
-    if a.infer_frames == 0 || latents <= motion_latents || (latents - motion_latents) % fpb != 0 {
+    if a.infer_frames == 0
+        || latents <= motion_latents
+        || !(latents - motion_latents).is_multiple_of(fpb)
+    {
         return Err(PlanError::Workload(format!(
             "--infer_frames {} gives {} latent frames per clip, which is not a positive multiple of the {fpb}-frame block (48 gives 12)",
             a.infer_frames,
@@ -240,7 +243,7 @@ fn explicit_layout(a: &PlanArgs, p: &Parsed) -> Result<Layout, PlanError> {
         )));
     }
     let stages = dit / group;
-    if a.sample_steps % stages != 0 {
+    if !a.sample_steps.is_multiple_of(stages) {
         return Err(PlanError::Layout(format!(
             "{dit} DiT GPUs / (tp {tp} × ulysses {ulysses} × pp {pp}) = {stages} TPP stages, but --sample_steps {} does not divide into {stages} stages{}",
             a.sample_steps,
@@ -283,12 +286,11 @@ fn fallback_resolutions(p: &Parsed) -> Vec<Resolution> {
         return out;
     }
     for s in ["704*384", "688*368", "384*256"] {
-        if let Ok(size) = SizeArg::parse(s) {
-            if size.area() < p.resolution.size.area() {
-                if let Ok(r) = resolve(size, p.resolution.source.clone()) {
-                    out.push(r);
-                }
-            }
+        if let Ok(size) = SizeArg::parse(s)
+            && size.area() < p.resolution.size.area()
+            && let Ok(r) = resolve(size, p.resolution.source.clone())
+        {
+            out.push(r);
         }
     }
     out
@@ -354,6 +356,8 @@ fn run_inner(a: &PlanArgs) -> Result<u8, PlanError> {
         Ok(mut plan) => {
             if auto {
                 plan.notes.insert(0, "no layout flags given: chose the best-estimated layout that fits (see --propose)".into());
+            } else if a.layout.is_none() {
+                plan.notes.push("this is lava's runtime; --layout liveavatar shows what the official code uses in the same TPP layout".into());
             }
             let proposals = if a.propose {
                 planner::propose(&p.model, &p.gpus, &fallback_resolutions(&p), p.workload, 5)

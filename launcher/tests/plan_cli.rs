@@ -1,4 +1,5 @@
 //! `lava plan` as a user runs it: exit codes, one-line errors, JSON.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Output};
 

@@ -118,48 +118,50 @@ impl Catalog {
     /// One GPU by catalog name or alias (case-insensitive), or a generic `24GB` / `80GiB`.
     pub fn gpu(&self, name: &str) -> Result<Gpu> {
         let key = name.trim();
-        if let Some(e) = self.entries.iter().find(|e| {
-            e.name.eq_ignore_ascii_case(key)
-                || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(key))
-        }) {
-            let memory_bytes = e.memory_mib * MIB;
-            return Ok(Gpu {
-                name: e.name.clone(),
-                label: e.label.clone(),
-                memory_bytes,
-                context_bytes: e.context_mb * MB,
-                workspace_bytes: e.workspace_mb * MB,
-                reserve_bytes: self.reserve(memory_bytes),
-                bf16_tflops: e.bf16_tflops,
-                fp8_tflops: e.fp8_tflops,
-                mem_bw_gbs: e.mem_bw_gbs,
-                interconnect: e.interconnect.clone(),
-                link_gbs: e.link_gbs,
-                host_gbs: e.host_gbs,
-                generic: false,
-            });
-        }
-        if let Some(memory_bytes) = parse_generic_size(key) {
-            let d = &self.defaults;
-            return Ok(Gpu {
-                name: key.to_string(),
-                label: format!("generic {key} GPU"),
-                memory_bytes,
-                context_bytes: d.generic_context_mb * MB,
-                workspace_bytes: d.generic_workspace_mb * MB,
-                reserve_bytes: self.reserve(memory_bytes),
-                bf16_tflops: d.generic_bf16_tflops,
-                fp8_tflops: d.generic_fp8_tflops,
-                mem_bw_gbs: d.generic_mem_bw_gbs,
-                interconnect: "unknown".into(),
-                link_gbs: d.generic_link_gbs,
-                host_gbs: d.generic_host_gbs,
-                generic: true,
-            });
-        }
-        Err(PlanError::UnknownGpu {
-            name: key.to_string(),
-            known: self.names().join(", "),
+        let entry = self.entries.iter().find(|e| {
+            e.name.eq_ignore_ascii_case(key) || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(key))
+        });
+        let d = &self.defaults;
+        let (name, label, memory_bytes, context_mb, workspace_mb, rates, interconnect, generic) = match entry {
+            Some(e) => (
+                e.name.clone(),
+                e.label.clone(),
+                e.memory_mib * MIB,
+                e.context_mb,
+                e.workspace_mb,
+                [e.bf16_tflops, e.fp8_tflops, e.mem_bw_gbs, e.link_gbs, e.host_gbs],
+                e.interconnect.clone(),
+                false,
+            ),
+            None => match parse_generic_size(key) {
+                Some(bytes) => (
+                    key.to_string(),
+                    format!("generic {key} GPU"),
+                    bytes,
+                    d.generic_context_mb,
+                    d.generic_workspace_mb,
+                    [d.generic_bf16_tflops, d.generic_fp8_tflops, d.generic_mem_bw_gbs, d.generic_link_gbs, d.generic_host_gbs],
+                    "unknown".to_string(),
+                    true,
+                ),
+                None => return Err(PlanError::UnknownGpu { name: key.to_string(), known: self.names().join(", ") }),
+            },
+        };
+        let [bf16_tflops, fp8_tflops, mem_bw_gbs, link_gbs, host_gbs] = rates;
+        Ok(Gpu {
+            name,
+            label,
+            memory_bytes,
+            context_bytes: context_mb * MB,
+            workspace_bytes: workspace_mb * MB,
+            reserve_bytes: self.reserve(memory_bytes),
+            bf16_tflops,
+            fp8_tflops,
+            mem_bw_gbs,
+            interconnect,
+            link_gbs,
+            host_gbs,
+            generic,
         })
     }
 

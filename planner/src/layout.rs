@@ -85,25 +85,25 @@ impl Layout {
                 return bad(format!("{name} must be at least 1"));
             }
         }
-        if sample_steps % self.stages != 0 {
+        if !sample_steps.is_multiple_of(self.stages) {
             return bad(format!(
                 "sample_steps {sample_steps} does not divide into {} TPP stages (each stage runs the same number of steps)",
                 self.stages
             ));
         }
-        if d.num_heads % self.tp != 0 {
+        if !d.num_heads.is_multiple_of(self.tp) {
             return bad(format!(
                 "--tp {} does not divide the {} attention heads",
                 self.tp, d.num_heads
             ));
         }
-        if d.ffn_dim % self.tp != 0 {
+        if !d.ffn_dim.is_multiple_of(self.tp) {
             return bad(format!(
                 "--tp {} does not divide ffn_dim {}",
                 self.tp, d.ffn_dim
             ));
         }
-        if d.num_heads % (self.tp * self.ulysses) != 0 {
+        if !d.num_heads.is_multiple_of(self.tp * self.ulysses) {
             return bad(format!(
                 "--ulysses_size {} with --tp {} does not divide the {} attention heads (Ulysses splits heads: {} must divide {})",
                 self.ulysses,

@@ -59,14 +59,13 @@ impl Request {
                 gpus.len()
             )));
         }
-        if layout.fp8 {
-            if let Some(g) = gpus.iter().take(world as usize).find(|g| !g.has_fp8()) {
+        if layout.fp8
+            && let Some(g) = gpus.iter().take(world as usize).find(|g| !g.has_fp8()) {
                 return Err(PlanError::Layout(format!(
                     "--fp8 needs FP8 tensor cores; {} has none",
                     g.label
                 )));
             }
-        }
         Ok(Self {
             model,
             gpus,
@@ -216,8 +215,8 @@ pub fn plan(req: &Request) -> std::result::Result<Plan, Box<Infeasible>> {
     if req.resolution.height * req.resolution.width > 0 && g.fsl == 0 {
         reasons.push("the resolution gives no DiT tokens".into());
     }
-    if req.layout.fsdp {
-        if let Some(r) = ranks.first() {
+    if req.layout.fsdp
+        && let Some(r) = ranks.first() {
             let get = |c: Component| {
                 r.items
                     .iter()
@@ -240,7 +239,6 @@ pub fn plan(req: &Request) -> std::result::Result<Plan, Box<Infeasible>> {
                 round2(resident as f64 / 1e9) + round2(root as f64 / (1u64 << 30) as f64),
             ));
         }
-    }
     let idle = req.gpus.len() as u64 - roles.len() as u64;
     if idle > 0 {
         notes.push(format!(
@@ -449,19 +447,19 @@ pub fn propose(
 
 /// (stages, tp, ulysses, pp) with stages dividing the steps and the product equal to `dit`.
 fn factorisations(model: &ModelSpec, steps: u64, dit: u64) -> Vec<(u64, u64, u64, u64)> {
-    let divisors = |n: u64| (1..=n).filter(move |d| n % d == 0);
+    let divisors = |n: u64| (1..=n).filter(move |d| n.is_multiple_of(*d));
     let mut out = Vec::new();
     for stages in divisors(steps) {
-        if dit % stages != 0 {
+        if !dit.is_multiple_of(stages) {
             continue;
         }
         let rest = dit / stages;
         for tp in divisors(rest) {
-            if model.dit.num_heads % tp != 0 || model.dit.ffn_dim % tp != 0 || tp > 8 {
+            if !model.dit.num_heads.is_multiple_of(tp) || !model.dit.ffn_dim.is_multiple_of(tp) || tp > 8 {
                 continue;
             }
             for ulysses in divisors(rest / tp) {
-                if model.dit.num_heads % (tp * ulysses) != 0 {
+                if !model.dit.num_heads.is_multiple_of(tp * ulysses) {
                     continue;
                 }
                 let pp = rest / tp / ulysses;

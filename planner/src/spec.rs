@@ -54,7 +54,7 @@ impl DitSpec {
 
     /// Latent frames of motion context: (motion_frames + 3) / 4 (19 for 73 frames).
     pub fn motion_latents(&self) -> u64 {
-        (self.motion_frames + 3) / 4
+        self.motion_frames.div_ceil(4)
     }
 }
 
@@ -155,19 +155,19 @@ impl ModelSpec {
             })
         };
         let d = &self.dit;
-        if d.num_heads == 0 || d.dim % d.num_heads != 0 {
+        if d.num_heads == 0 || !d.dim.is_multiple_of(d.num_heads) {
             return bad(format!(
                 "dim {} is not divisible by num_heads {}",
                 d.dim, d.num_heads
             ));
         }
-        if d.head_dim() % 2 != 0 {
+        if !d.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even (RoPE pairs)",
                 d.head_dim()
             ));
         }
-        if d.num_audio_token == 0 || d.dim % d.num_audio_token != 0 || d.dim % 2 != 0 {
+        if d.num_audio_token == 0 || !d.dim.is_multiple_of(d.num_audio_token) || !d.dim.is_multiple_of(2) {
             return bad(format!(
                 "dim {} must split into num_audio_token {} groups",
                 d.dim, d.num_audio_token
@@ -182,7 +182,7 @@ impl ModelSpec {
         if d.num_layers == 0 || self.stream.frames_per_block == 0 || self.stream.sample_steps == 0 {
             return bad("num_layers, frames_per_block and sample_steps must be positive".into());
         }
-        if self.stream.latents_per_clip % self.stream.frames_per_block != 0 {
+        if !self.stream.latents_per_clip.is_multiple_of(self.stream.frames_per_block) {
             return bad("latents_per_clip must be a multiple of frames_per_block".into());
         }
         let v = &self.vae;
@@ -192,7 +192,7 @@ impl ModelSpec {
         let w = &self.wav2vec2;
         if w.conv_kernel.len() != w.conv_stride.len()
             || w.num_heads == 0
-            || w.hidden % w.num_heads != 0
+            || !w.hidden.is_multiple_of(w.num_heads)
         {
             return bad(
                 "wav2vec2: conv_kernel/conv_stride lengths differ or heads do not divide hidden"

@@ -1,5 +1,6 @@
 //! docs/memory.md's scenario table is generated from the planner; this test fails when the
 //! two disagree. Regenerate with `LAVA_BLESS=1 cargo test -p planner --test memory_doc`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use planner::layout::{Layout, LayoutKind, T5Placement, VaePlacement};
 use planner::render::gb;
@@ -15,6 +16,7 @@ struct Scenario {
     layout: Layout,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn lay(
     kind: LayoutKind,
     stages: u64,

@@ -1,4 +1,5 @@
 //! Geometry, FLOPs and VAE cache sizes against model-spec §1.5, §3.1 and §3.6.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use planner::flops::{CallFlops, vae_decode_flops};
 use planner::memory::vae_decoder_cache;

@@ -1,4 +1,5 @@
 //! Parameter counts computed from configs/models/s2v-14b.toml, pinned to model-spec §1–2.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use planner::{ModelParams, ModelSpec};
 

@@ -1,4 +1,5 @@
 //! Known-good and known-infeasible deployments, with exact bytes from model-spec.md.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use planner::layout::{Layout, LayoutKind, T5Placement, VaePlacement};
 use planner::size::{AspectSource, SizeArg, resolve};
