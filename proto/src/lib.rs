@@ -6,6 +6,7 @@
 //! - [`Error`]: a failure with the rank that raised it, converted to and from
 //!   [`tonic::Status`] in one place, so the rank survives the trip across processes.
 //! - [`exit`]: the process exit codes of `lava` and `lava-worker`.
+//! - [`plan`]: each rank's role message, built from the planner's `Layout` and `Role`.
 //!
 //! ```
 //! use proto::{Error, ErrorKind};
@@ -16,6 +17,7 @@
 //! ```
 
 pub mod exit;
+pub mod plan;
 mod status;
 
 pub use status::{Error, ErrorKind, Result};
