@@ -11,7 +11,9 @@
 //! a backend may back them with a pre-allocated pool ([`MemoryTracker::reserved`]), and
 //! [`MemoryTracker::set_strict`] turns any allocation beyond the reservation into
 //! [`Error::OutOfReservation`] *before* the bytes are allocated, so a run proves it never
-//! allocates outside its plan.
+//! allocates outside its plan. [`planned_bytes`] turns the planner's per-rank budget
+//! ([`planner::memory::RankMemory`]) into per-category reservations, and
+//! [`MemoryStats::over_plan`] lists the categories whose peak exceeded them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -89,6 +91,56 @@ impl std::fmt::Display for MemoryStats {
     }
 }
 
+impl MemoryStats {
+    /// Categories with a reservation whose peak exceeded it: `(category, peak, reserved)`.
+    pub fn over_plan(&self) -> Vec<(Category, usize, usize)> {
+        self.per_category
+            .iter()
+            .filter(|(_, s)| s.reserved > 0 && s.peak > s.reserved)
+            .map(|&(c, s)| (c, s.peak, s.reserved))
+            .collect()
+    }
+}
+
+/// The tracker category of a planner budget line; `None` for bytes that never pass
+/// through the tracker (the CUDA context, the allocator's own reserve).
+pub fn category_of(component: planner::memory::Component) -> Option<Category> {
+    use planner::memory::Component as P;
+    Some(match component {
+        P::DitWeights
+        | P::FsdpRootUnshard
+        | P::FsdpBlocksInFlight
+        | P::T5Weights
+        | P::VaeWeights
+        | P::Wav2Vec2 => Category::Weights,
+        // State carried from call to call.
+        P::KvNoisy | P::KvSink | P::TextKv | P::VaeDecoderCache => Category::KvCache,
+        P::DitActivations | P::T5Activations => Category::Activations,
+        P::VaeDecodeWorkspace | P::VaeEncodeWorkspace | P::LibraryWorkspace => Category::Workspace,
+        P::CommBuffers => Category::Communication,
+        P::CudaContext | P::AllocatorReserve => return None,
+    })
+}
+
+/// Planned bytes per category of one rank: resident lines plus, per category, the largest
+/// of the transient phases (phases never overlap).
+pub fn planned_bytes(mem: &planner::memory::RankMemory) -> [(Category, u64); 5] {
+    use planner::memory::Phase;
+    let phases = [Phase::Startup, Phase::DitCall, Phase::VaeDecode];
+    std::array::from_fn(|i| {
+        let c = Category::ALL[i];
+        let sum = |phase: Phase| -> u64 {
+            mem.items
+                .iter()
+                .filter(|it| it.phase == phase && category_of(it.component) == Some(c))
+                .map(|it| it.bytes)
+                .sum()
+        };
+        let transient = phases.iter().map(|&p| sum(p)).max().unwrap_or(0);
+        (c, sum(Phase::Resident) + transient)
+    })
+}
+
 #[derive(Debug, Default)]
 struct State {
     cats: [CategoryStats; 5],
@@ -162,6 +214,13 @@ impl MemoryTracker {
     /// Add `bytes` to the planned budget of `category`.
     pub fn reserve(&self, category: Category, bytes: usize) {
         self.lock().cats[category.index()].reserved += bytes;
+    }
+
+    /// Reserve a planner budget ([`planned_bytes`]) for every category.
+    pub fn reserve_plan(&self, mem: &planner::memory::RankMemory) {
+        for (c, bytes) in planned_bytes(mem) {
+            self.reserve(c, usize::try_from(bytes).unwrap_or(usize::MAX));
+        }
     }
 
     /// Planned bytes of `category` (what a pooled backend pre-allocates).
@@ -300,6 +359,44 @@ mod tests {
         drop(a);
         let _b = t.allocate(Category::KvCache, 1000).unwrap();
         assert_eq!(t.stats().get(Category::KvCache).reserved, 1000);
+    }
+
+    #[test]
+    fn planner_budget_becomes_reservations() {
+        use planner::memory::{Component, Item, Phase, RankMemory};
+        let item = |component, phase, bytes| Item {
+            component,
+            phase,
+            bytes,
+            detail: String::new(),
+        };
+        let mem = RankMemory {
+            items: vec![
+                item(Component::DitWeights, Phase::Resident, 1000),
+                item(Component::KvNoisy, Phase::Resident, 300),
+                item(Component::DitActivations, Phase::DitCall, 200),
+                item(Component::VaeDecodeWorkspace, Phase::VaeDecode, 70),
+                item(Component::LibraryWorkspace, Phase::DitCall, 50),
+                item(Component::CudaContext, Phase::Resident, 5000),
+            ],
+        };
+        let p = planned_bytes(&mem);
+        assert_eq!(p[Category::Weights.index()].1, 1000);
+        assert_eq!(p[Category::KvCache.index()].1, 300);
+        assert_eq!(p[Category::Activations.index()].1, 200);
+        // Workspace: max(DitCall 50, VaeDecode 70); the CUDA context is not tracked.
+        assert_eq!(p[Category::Workspace.index()].1, 70);
+        assert_eq!(p[Category::Communication.index()].1, 0);
+
+        let t = MemoryTracker::new(Device::Cpu);
+        t.reserve_plan(&mem);
+        let a = t.allocate(Category::Activations, 250).unwrap();
+        drop(a);
+        let _w = t.allocate(Category::Weights, 900).unwrap();
+        assert_eq!(
+            t.stats().over_plan(),
+            vec![(Category::Activations, 250, 200)]
+        );
     }
 
     #[test]
