@@ -12,7 +12,7 @@ use std::io::Cursor;
 use std::path::Path;
 
 use audioadapter_buffers::direct::InterleavedSlice;
-use rubato::{Fft, FixedSync, Indexing, Resampler};
+use rubato::{Fft, FixedSync, Indexing, Resampler, WindowFunction};
 use symphonia::core::codecs::audio::AudioDecoderOptions;
 use symphonia::core::errors::Error as SymError;
 use symphonia::core::formats::probe::Hint;
@@ -25,8 +25,21 @@ use crate::error::{MediaError, Result};
 /// wav2vec2's input rate.
 pub const SAMPLE_RATE: u32 = 16_000;
 
-/// Input frames per resampler call (rubato may round it to suit the rate pair).
-const CHUNK: usize = 1024;
+/// Target input frames per resampler call.
+const CHUNK_TARGET: usize = 4096;
+
+/// One FFT block of rubato's `Fft` (sub_chunks = 1) per call, sized to an *even* multiple of
+/// the rate pair's input period: with an odd input block the resampler's true delay is half an
+/// input sample more than the whole number of output frames it reports and trims, so the
+/// output would lag by e.g. 0.18 samples at 44.1 kHz (a 1 kHz sine then errs by 3.5 %).
+fn fft_chunk(rate_in: u32) -> usize {
+    let (mut a, mut b) = (rate_in, SAMPLE_RATE);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    let unit = 2 * (rate_in / a) as usize;
+    unit * ((CHUNK_TARGET + unit / 2) / unit).max(1)
+}
 
 /// Decoded audio as it was stored: interleaved f32 in [−1, 1].
 #[derive(Debug, Clone, PartialEq)]
@@ -262,11 +275,13 @@ impl AudioStream {
             None
         } else {
             Some(
-                Fft::<f32>::new(
+                Fft::<f32>::new_custom(
                     sample_rate as usize,
                     SAMPLE_RATE as usize,
-                    CHUNK,
+                    fft_chunk(sample_rate),
                     1,
+                    1,
+                    WindowFunction::BlackmanHarris2,
                     FixedSync::Input,
                 )
                 .map_err(|e| MediaError::Resample {
