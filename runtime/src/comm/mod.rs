@@ -104,6 +104,8 @@ impl CommErrorKind {
 /// All ranks of the group must call the same collectives in the same order with
 /// tensors of equal shape and dtype (`all_gather`, `reduce_scatter` and `all_to_all`
 /// take the local shard). A failed collective leaves the communicator unusable.
+/// At world size 1 the collectives return their input (sharing its buffer), after
+/// the same argument checks as at any other size.
 pub trait Comm: Send + Sync + fmt::Debug {
     /// This rank's index in the group, `0..world()`.
     fn rank(&self) -> usize;
