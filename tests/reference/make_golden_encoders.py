@@ -81,9 +81,42 @@ def make_vae() -> None:
     print("vae:", {k: tuple(t.shape) for k, t in golden.items()})
 
 
+T5_FIXTURE_VOCAB = 1024  # the real 256384 would make a 16 MB embedding; the code is the same
+
+
+def make_t5() -> None:
+    from t5_ref import T5Config, T5Encoder
+
+    t = TINY["t5"]
+    cfg = T5Config(vocab=T5_FIXTURE_VOCAB, dim=t["dim"], ffn_dim=t["ffn_dim"],
+                   num_heads=t["num_heads"], num_layers=t["num_layers"],
+                   num_buckets=t["num_buckets"])
+    gen = torch.Generator().manual_seed(5)
+    model = T5Encoder(cfg).eval()
+    random_init_(model, gen)
+    with torch.no_grad():
+        # Embeddings ~ N(0, 1) like the real table's scale, not 1/sqrt(dim).
+        model.token_embedding.weight.copy_(
+            torch.randn(model.token_embedding.weight.shape, generator=gen).bfloat16().float())
+    out = FIX / "t5_tiny"
+    save_pth({k: v.bfloat16() for k, v in model.state_dict().items()},
+             out / "models_t5_umt5-xxl-enc-bf16.pth")
+    # One prompt of 37 real tokens (the last is EOS = 1) padded with 0 to 48.
+    length, real = 48, 37
+    ids = torch.zeros(1, length, dtype=torch.long)
+    ids[0, :real] = torch.randint(2, cfg.vocab, (real,), generator=gen)
+    ids[0, real - 1] = 1
+    mask = (torch.arange(length) < real).long()[None]
+    with torch.no_grad():
+        y = model(ids, mask)[:, :real]
+    golden = {"ids": ids.float(), "mask": mask.float(), "output": y}  # f32: the .pth reader takes float storages
+    save_pth(golden, out / "golden.pth")
+    print("t5:", {k: tuple(t.shape) for k, t in golden.items()})
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     torch.manual_seed(0)
     which = sys.argv[1:] or ["vae", "t5", "w2v"]
     for w in which:
-        {"vae": make_vae}[w]()
+        {"vae": make_vae, "t5": make_t5}[w]()
