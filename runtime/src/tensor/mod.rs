@@ -394,6 +394,8 @@ impl Tensor {
             Storage::Cpu(s) => *s = src,
             Storage::Cuda(s) => {
                 let n = src.elem_count();
+                // The staging copy is a device allocation too.
+                let _staging = track(&self.device, self.dtype, n)?;
                 let up = CudaStorage::from_cpu(&self.device, &src)?;
                 up.copy2d(s, 1, n, n, 0, n, 0)?;
             }
