@@ -6,17 +6,21 @@
 //! stdout/stderr forwarded line by line with a `[rank N role]` prefix. The last stderr lines
 //! are kept for the crash report.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use proto::worker::v1::RoleKind;
+use proto::{Error, ErrorKind, exit};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
 
 /// Stderr lines kept per rank for the crash report.
 const STDERR_TAIL_LINES: usize = 40;
@@ -47,7 +51,7 @@ pub type Tail = Arc<Mutex<VecDeque<String>>>;
 
 /// A running worker.
 #[derive(Debug)]
-pub struct RankProcess {
+struct RankProcess {
     /// Its pid, which is also its process-group id.
     pub pid: u32,
     /// The process, to be awaited by the monitor.
@@ -106,7 +110,7 @@ pub fn locate_worker(explicit: Option<&Path>) -> Result<PathBuf, String> {
 
 /// Starts one worker. Must be called from the thread that stays alive for the whole job
 /// (the launcher's main thread): `PR_SET_PDEATHSIG` fires when the *thread* that forked dies.
-pub fn spawn(bin: &Path, spec: &WorkerSpec) -> io::Result<RankProcess> {
+fn spawn(bin: &Path, spec: &WorkerSpec) -> io::Result<RankProcess> {
     let mut cmd = Command::new(bin);
     cmd.arg("--rank")
         .arg(spec.rank.to_string())
@@ -233,5 +237,178 @@ fn signal_name(sig: i32) -> &'static str {
         libc::SIGHUP => "SIGHUP",
         libc::SIGPIPE => "SIGPIPE",
         _ => "signal",
+    }
+}
+
+/// A rank's process, as the supervisor tracks it.
+#[derive(Debug)]
+pub struct Running {
+    /// Its role.
+    pub role: RoleKind,
+    /// Its pid (and process-group id).
+    pub pid: u32,
+    tail: Tail,
+    /// Held, never written: dropping it is the worker's cue that the launcher is gone.
+    _lifeline: Option<ChildStdin>,
+    forwarders: Vec<JoinHandle<()>>,
+}
+
+/// A rank's process ended.
+#[derive(Debug)]
+pub struct RankExit {
+    /// Which rank.
+    pub rank: u32,
+    /// How it ended.
+    pub status: io::Result<ExitStatus>,
+}
+
+/// This launcher's workers, and the channel on which one monitor task per worker reports
+/// its exit.
+#[derive(Debug)]
+pub struct Ranks {
+    /// Workers not yet seen to exit, by rank.
+    pub alive: BTreeMap<u32, Running>,
+    /// Exits, in the order they happened.
+    pub exits: mpsc::UnboundedReceiver<RankExit>,
+    exit_tx: mpsc::UnboundedSender<RankExit>,
+    /// Time between SIGTERM and SIGKILL.
+    pub grace: Duration,
+}
+
+impl Ranks {
+    /// No workers yet.
+    pub fn new(grace: Duration) -> Self {
+        let (exit_tx, exits) = mpsc::unbounded_channel();
+        Ranks {
+            alive: BTreeMap::new(),
+            exits,
+            exit_tx,
+            grace,
+        }
+    }
+
+    /// Starts a worker (see [`spawn`]) and a task that reports its exit.
+    pub fn start(&mut self, bin: &Path, spec: &WorkerSpec) -> io::Result<()> {
+        let process = spawn(bin, spec)?;
+        let mut child = process.child;
+        let tx = self.exit_tx.clone();
+        let rank = spec.rank;
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            // The receiver lives as long as the launcher's supervision.
+            let _ = tx.send(RankExit { rank, status });
+        });
+        let running = Running {
+            role: spec.role,
+            pid: process.pid,
+            tail: process.tail,
+            _lifeline: process.lifeline,
+            forwarders: process.forwarders,
+        };
+        self.alive.insert(rank, running);
+        Ok(())
+    }
+
+    /// Marks a rank dead, sweeps its process group (anything it started), and waits briefly
+    /// for its last output.
+    pub async fn reap(&mut self, rank: u32) -> Option<Running> {
+        let running = self.alive.remove(&rank)?;
+        signal_group(running.pid, libc::SIGKILL);
+        for f in &running.forwarders {
+            // Output still in the pipe drains within moments; a grandchild holding it open does not stop us.
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while !f.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+        }
+        Some(running)
+    }
+
+    /// Waits until every rank has exited or `deadline` passes.
+    pub async fn wait_all(&mut self, deadline: Instant) {
+        while !self.alive.is_empty() {
+            tokio::select! {
+                exit = self.exits.recv() => match exit {
+                    Some(exit) => { self.reap(exit.rank).await; }
+                    None => return,
+                },
+                _ = sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    /// SIGTERM to every live rank, then SIGKILL after the grace period.
+    pub async fn terminate(&mut self) {
+        for r in self.alive.values() {
+            signal_group(r.pid, libc::SIGTERM);
+        }
+        self.wait_all(Instant::now() + self.grace).await;
+        if !self.alive.is_empty() {
+            let ranks: Vec<_> = self.alive.keys().collect();
+            say_err(&format!(
+                "lava: ranks {ranks:?} ignored SIGTERM for {} s; sending SIGKILL",
+                self.grace.as_secs()
+            ));
+            for r in self.alive.values() {
+                signal_group(r.pid, libc::SIGKILL);
+            }
+            self.wait_all(Instant::now() + Duration::from_secs(5)).await;
+        }
+    }
+
+    /// A rank died on its own: report it with its stderr tail, end every other rank, and
+    /// return the job's error.
+    pub async fn fail(&mut self, exit: RankExit) -> Error {
+        let rank = exit.rank;
+        let Some(running) = self.reap(rank).await else {
+            return Error::Unattributed {
+                kind: ErrorKind::Internal,
+                message: format!("exit of unknown rank {rank}"),
+            };
+        };
+        let (kind, how) = match &exit.status {
+            Ok(status) => (kind_of_exit(*status), describe_exit(*status)),
+            Err(e) => (ErrorKind::Internal, format!("could not be waited for: {e}")),
+        };
+        let label = label(rank, running.role);
+        say_err(&format!(
+            "lava: rank {rank} ({}, pid {}) died: {how}; ending the job",
+            running.role.name(),
+            running.pid
+        ));
+        let tail = running
+            .tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if !tail.is_empty() {
+            say_err(&format!("lava: last stderr lines of rank {rank}:"));
+            for line in tail {
+                say_err(&format!("lava:   {label} {line}"));
+            }
+        }
+        self.terminate().await;
+        Error::rank(
+            rank,
+            kind,
+            format!(
+                "{} worker (pid {}) died: {how}",
+                running.role.name(),
+                running.pid
+            ),
+        )
+    }
+}
+
+/// The job's failure kind when a worker ends with `status`: its own bad-input, load and
+/// plan failures are passed on; anything else is a lost peer.
+pub fn kind_of_exit(status: ExitStatus) -> ErrorKind {
+    match status.code().and_then(|c| u8::try_from(c).ok()) {
+        Some(exit::BAD_INPUT) => ErrorKind::BadInput,
+        Some(exit::LOAD_FAILURE) => ErrorKind::LoadFailure,
+        Some(exit::INFEASIBLE_PLAN) => ErrorKind::Infeasible,
+        _ => ErrorKind::PeerLost,
     }
 }
