@@ -75,6 +75,15 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
+// Tensors cross threads (communicator workers, rayon): keep them Send + Sync.
+const _: () = {
+    fn send_sync<T: Send + Sync>() {}
+    #[allow(dead_code)]
+    fn check() {
+        send_sync::<Tensor>();
+    }
+};
+
 /// Charge an allocation of `elems` elements of `dtype` on `device` to the current category.
 pub(crate) fn track(device: &Device, dtype: DType, elems: usize) -> Result<Allocation> {
     MemoryTracker::for_device(device).allocate(current_category(), elems * dtype.size_in_bytes())
