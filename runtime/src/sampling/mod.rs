@@ -152,3 +152,41 @@ pub fn load_noise(
         .tensor(name, device)?
         .to_dtype(dtype)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn four_steps_give_the_spec_table() {
+        let s = FlowMatchSchedule::liveavatar(4).unwrap();
+        // model-spec §5 table (float32 values; equal to diffusers, see the golden test).
+        assert_eq!(s.timesteps, vec![1000.0, 857.6923, 602.1506, 8.928_572]);
+        assert_eq!(
+            s.sigmas,
+            vec![1.0, 0.857_692_3, 0.602_150_56, 0.008_928_572, 0.0]
+        );
+        assert!(FlowMatchSchedule::liveavatar(0).is_err());
+    }
+
+    #[test]
+    fn bf16_euler_rounds_dt_and_the_product() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_f32(&[1.0, -2.0], 2, DType::BF16, &dev).unwrap();
+        let v = Tensor::from_f32(&[1.0, 3.0], 2, DType::BF16, &dev).unwrap();
+        let out = euler_step(&x, &v, 1.0, 0.857_692_3).unwrap();
+        // dt = bf16(−0.1423077) = −0.142578125 (§5), products exact in bf16 here.
+        let dt = -73.0f32 / 512.0;
+        let want: Vec<f32> = [1.0 + dt, -2.0 + DType::BF16.round_f32(3.0 * dt)]
+            .iter()
+            .map(|v| DType::BF16.round_f32(*v))
+            .collect();
+        assert_eq!(out.to_vec_f32().unwrap(), want);
+        let n1 = clip_noise(420, 1, (4, 8), DType::BF16, &dev).unwrap();
+        let n2 = clip_noise(420, 1, (4, 8), DType::BF16, &dev).unwrap();
+        assert_eq!(n1.to_bytes().unwrap(), n2.to_bytes().unwrap());
+        let n0 = clip_noise(420, 0, (4, 8), DType::BF16, &dev).unwrap();
+        assert_ne!(n0.to_bytes().unwrap(), n1.to_bytes().unwrap());
+    }
+}

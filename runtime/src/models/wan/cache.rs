@@ -66,7 +66,7 @@ impl StepCache {
     /// `current_start` (§4.4): clip 0 grows the window, later the whole ring is active.
     pub fn window(&self, current_start: usize) -> Result<(usize, usize)> {
         let (ring, lq) = (self.geom.ring_len(), self.geom.lq());
-        if current_start % lq != 0 {
+        if !current_start.is_multiple_of(lq) {
             return Err(Error::invalid(
                 "StepCache",
                 format!("current_start {current_start} is not a multiple of Lq {lq}"),

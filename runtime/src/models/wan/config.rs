@@ -108,10 +108,10 @@ impl WanConfig {
             },
         };
         for (field, want) in ints {
-            if let Some(got) = json.get(field) {
-                if got.as_u64() != Some(want as u64) {
-                    return Err(mismatch(field, want.to_string(), got.to_string()));
-                }
+            if let Some(got) = json.get(field)
+                && got.as_u64() != Some(want as u64)
+            {
+                return Err(mismatch(field, want.to_string(), got.to_string()));
             }
         }
         if let Some(got) = json.get("audio_inject_layers") {
@@ -218,13 +218,13 @@ impl StreamGeometry {
         frames_per_block: usize,
         ring_frames: usize,
     ) -> Result<Self> {
-        if lat_h % 8 != 0 || lat_w % 8 != 0 || lat_h == 0 || lat_w == 0 {
+        if !lat_h.is_multiple_of(8) || !lat_w.is_multiple_of(8) || lat_h == 0 || lat_w == 0 {
             return Err(Error::invalid(
                 "StreamGeometry",
                 format!("latent {lat_h}x{lat_w}: height and width must be multiples of 8 (§10.1)"),
             ));
         }
-        if frames_per_block == 0 || ring_frames % frames_per_block != 0 {
+        if frames_per_block == 0 || !ring_frames.is_multiple_of(frames_per_block) {
             return Err(Error::invalid(
                 "StreamGeometry",
                 format!("ring of {ring_frames} frames is not a multiple of {frames_per_block}"),
@@ -261,5 +261,30 @@ impl StreamGeometry {
         2 * self.fsl()
             + (self.lat_h / 4) * (self.lat_w / 4)
             + 4 * (self.lat_h / 8) * (self.lat_w / 8)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s2v_14b_geometry_and_tensor_count_match_the_spec() {
+        let spec = planner::ModelSpec::builtin("s2v-14b").unwrap();
+        let cfg = WanConfig::from(&spec);
+        // §2.3: 1260 tensors.
+        assert_eq!(cfg.expected_tensors().len(), 1260);
+        assert_eq!(cfg.motion_latents(), 19);
+        // §3.1, 704×384: latent 48×88.
+        let g = StreamGeometry::new(48, 88, 3, 12).unwrap();
+        assert_eq!(
+            (g.fsl(), g.lq(), g.lc(), g.ring_len()),
+            (1056, 3168, 2640, 12_672)
+        );
+        assert_eq!(g.ring_len() + g.lc(), 15_312);
+        // 720×400 literal is not a multiple of 64 pixels (§0): rejected with a reason.
+        let e = StreamGeometry::new(90, 50, 3, 12).unwrap_err().to_string();
+        assert!(e.contains("multiples of 8"), "{e}");
     }
 }

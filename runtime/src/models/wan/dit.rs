@@ -163,10 +163,8 @@ impl CausalWanModelS2V {
         let mut kv = PrefillKv { cache, rope: &rope };
         for (i, blk) in self.blocks.iter().enumerate() {
             x = blk.forward(i, &x, &e0, &mut kv, &text.layers[i])?;
-            if i == 0 {
-                if let Some(r) = rec.as_deref_mut() {
-                    r.insert("block0_out".into(), x.clone());
-                }
+            if let (0, Some(r)) = (i, rec.as_deref_mut()) {
+                r.insert("block0_out".into(), x.clone());
             }
         }
         Ok(())
@@ -251,7 +249,7 @@ impl CausalWanModelS2V {
             r.insert("head_in".into(), x.clone());
         }
         let y = self.head.forward(&x, &e)?;
-        if let Some(r) = rec.as_deref_mut() {
+        if let Some(r) = rec {
             r.insert("head_out".into(), y.clone());
         }
         self.head.unpatchify(&y, frames, g.hp(), g.wp())

@@ -132,3 +132,45 @@ pub fn rope_factors(
 pub fn ref_time_for_call(cur: i64, relative_dist: u32) -> i64 {
     super::config::REF_TIME + (cur - (super::config::REF_TIME - relative_dist as i64)).max(0)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_follow_the_spec() {
+        assert_eq!(trunc_linspace(3, 2), vec![0, 3]);
+        assert_eq!(
+            trunc_linspace(43, 11),
+            vec![0, 4, 8, 12, 17, 21, 25, 30, 34, 38, 43]
+        );
+        assert_eq!(trunc_linspace(23, 1), vec![0]);
+        let g = StreamGeometry::new(48, 88, 3, 12).unwrap();
+        let c = cond_positions(30, &g);
+        assert_eq!(c.len(), g.lc());
+        assert_eq!(c[0], [30, 0, 0]);
+        assert_eq!(c[g.fsl()], [-1, 0, 0]);
+        assert_eq!(*c.last().unwrap(), [-4, 23, 43]);
+        let n = noisy_positions(15, &g);
+        assert_eq!((n[0], *n.last().unwrap()), ([15, 0, 0], [17, 23, 43]));
+        // §4.5: max(30, cur + relative_dist).
+        assert_eq!(ref_time_for_call(0, 4), 30);
+        assert_eq!(ref_time_for_call(27, 4), 31);
+        assert_eq!(ref_time_for_call(100, 30), 130);
+    }
+
+    #[test]
+    fn factors_are_fp16_rounded_and_conjugate_for_negative_positions() {
+        let (c1, s1) = rope_factors(&[[5, 2, 7]], 128, 10000.0, 45_000).unwrap();
+        let (c2, s2) = rope_factors(&[[-5, 2, 7]], 128, 10000.0, 45_000).unwrap();
+        assert_eq!(c1, c2);
+        assert_eq!(s1[..22].iter().map(|v| -v).collect::<Vec<_>>(), s2[..22]);
+        assert_eq!(s1[22..], s2[22..]);
+        for v in c1.iter().chain(&s1) {
+            assert_eq!(f16::from_f32(*v).to_f32(), *v);
+        }
+        assert!((c1[1] as f64 - (5.0 * 10000f64.powf(-2.0 / 44.0)).cos()).abs() < 5e-4);
+        assert!(rope_factors(&[[45_000, 0, 0]], 128, 10000.0, 45_000).is_err());
+    }
+}

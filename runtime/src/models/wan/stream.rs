@@ -195,3 +195,27 @@ impl<'m> StreamRunner<'m> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_reference_positions_are_reproducible_and_in_range() {
+        let draws = |seed| {
+            let mut r = RelativeDist::seeded(seed);
+            (0..200)
+                .map(|i| r.draw(0, i, 0).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let a = draws(420);
+        assert_eq!(a, draws(420));
+        assert_ne!(a, draws(421));
+        assert!(a.iter().all(|d| RELATIVE_DIST_RANGE.contains(d)));
+        assert!(a.contains(&4) && a.contains(&30));
+        let mut t = RelativeDist::Table(vec![vec![vec![7]]]);
+        assert_eq!(t.draw(0, 0, 0).unwrap(), 7);
+        assert!(t.draw(0, 1, 0).is_err());
+    }
+}
