@@ -58,7 +58,7 @@ impl Tensor {
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
         self.check_dim("narrow", dim)?;
         let (outer, n, inner) = self.shape().split_at_dim(dim)?;
-        if start + len > n {
+        if start.checked_add(len).is_none_or(|end| end > n) {
             return Err(Error::invalid(
                 "narrow",
                 format!("{start}+{len} > {n} on dim {dim} of {:?}", self.shape()),
@@ -199,7 +199,11 @@ impl Tensor {
         let mut expect = self.dims().to_vec();
         let len = src.dims().get(dim).copied().unwrap_or(0);
         expect[dim] = len;
-        if src.dims() != expect.as_slice() || start + len > self.dims()[dim] {
+        if src.dims() != expect.as_slice()
+            || start
+                .checked_add(len)
+                .is_none_or(|end| end > self.dims()[dim])
+        {
             return Err(Error::ShapeMismatch {
                 op: "slice_set",
                 lhs: self.shape().clone(),
