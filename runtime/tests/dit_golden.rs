@@ -285,8 +285,12 @@ fn streaming_calls_match() {
 
 /// Runs the free-running sampler over the fixture's clips in `dtype` and compares x at
 /// every step and the clip latents with the f32 reference.
-fn run_sampler(dtype: DType) -> Report {
-    let model = load_model(dtype);
+fn run_sampler(dtype: DType, fp8: bool) -> Report {
+    let mut model = load_model(dtype);
+    if fp8 {
+        model.quantize_fp8().unwrap();
+        assert_eq!(model.blocks[0].ffn_0.weight.dtype(), DType::F8E4M3);
+    }
     let (inputs, calls) = (open("inputs.safetensors"), open("calls.safetensors"));
     let g = geometry(&inputs);
     let sched = FlowMatchSchedule::liveavatar(4).unwrap();
@@ -343,7 +347,7 @@ fn run_sampler(dtype: DType) -> Report {
 /// The free-running sampler over two clips in f32 (ring wrap and re-prefill included).
 #[test]
 fn sampler_block_matches() {
-    run_sampler(DType::F32).finish("sampler (free running)", TOL);
+    run_sampler(DType::F32, false).finish("sampler (free running)", TOL);
 }
 
 /// bf16 weights with the §3.3.1 dtype flow and the bf16 Euler rule: the whole run stays
@@ -351,5 +355,12 @@ fn sampler_block_matches() {
 /// within 4.6e-3, tests/reference/README.md).
 #[test]
 fn bf16_sampler_stays_close_to_f32() {
-    run_sampler(DType::BF16).finish("sampler in bf16 vs f32 reference", 1e-2);
+    run_sampler(DType::BF16, false).finish("sampler in bf16 vs f32 reference", 1e-2);
+}
+
+/// The `--fp8` option (§8.1) on top of bf16: within the fp8 tolerance of the f32 reference.
+#[test]
+fn fp8_sampler_stays_close_to_f32() {
+    let tol = runtime::testing::tolerance(DType::F8E4M3);
+    run_sampler(DType::BF16, true).finish("sampler in bf16 + fp8 linears vs f32 reference", tol);
 }

@@ -33,7 +33,22 @@ impl Linear {
         })
     }
 
+    /// Replace the weight by its per-tensor FP8 e4m3 quantisation (model-spec §8.1); the
+    /// bias stays in its dtype.
+    pub fn quantize_fp8(&mut self) -> Result<()> {
+        if self.weight.dtype() != DType::F8E4M3 {
+            let _g = crate::memory::scope(crate::memory::Category::Weights);
+            self.weight = self.weight.quantize_fp8()?;
+        }
+        Ok(())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.weight.dtype() == DType::F8E4M3 {
+            // §8.1: dynamic per-tensor activation scale, f32 accumulation, bf16 output, then
+            // back to the input's dtype.
+            return x.fp8_linear(&self.weight, self.bias.as_ref(), x.dtype());
+        }
         x.to_dtype(self.weight.dtype())?
             .linear(&self.weight, self.bias.as_ref())
     }
@@ -81,6 +96,14 @@ impl WanAttention {
             norm_k: RmsNorm::load(&vb.pp("norm_k"), dim, eps)?,
             num_heads,
         })
+    }
+
+    /// FP8 for q, k, v and o (§8.1).
+    pub fn quantize_fp8(&mut self) -> Result<()> {
+        for l in [&mut self.q, &mut self.k, &mut self.v, &mut self.o] {
+            l.quantize_fp8()?;
+        }
+        Ok(())
     }
 
     /// `[.., L, dim]` → `[B, L, heads, head_dim]` with B the product of the leading dims.

@@ -95,6 +95,26 @@ impl CausalWanModelS2V {
         Self::load(cfg, &VarBuilder::new(ckpt, lora, dtype, device))
     }
 
+    /// The `--fp8` option (model-spec §8.1), applied after the LoRA merge: per-tensor FP8
+    /// e4m3 weights for the 460 linears of the blocks (self/cross q, k, v, o, ffn.0, ffn.2)
+    /// and the audio injectors (q, k, v, o, AdaLN); text/time embeddings, time projection,
+    /// head.head, the audio encoder and all convolutions stay as they are.
+    pub fn quantize_fp8(&mut self) -> Result<()> {
+        for b in &mut self.blocks {
+            b.self_attn.quantize_fp8()?;
+            b.cross_attn.quantize_fp8()?;
+            b.ffn_0.quantize_fp8()?;
+            b.ffn_2.quantize_fp8()?;
+        }
+        for a in &mut self.audio_injector.injector {
+            a.quantize_fp8()?;
+        }
+        for l in &mut self.audio_injector.injector_adain_layers {
+            l.quantize_fp8()?;
+        }
+        Ok(())
+    }
+
     /// The activation dtype (the weights' dtype).
     pub fn dtype(&self) -> DType {
         self.act
