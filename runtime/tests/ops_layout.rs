@@ -160,4 +160,3 @@ test_device!(
     host_bytes_round_trip_cpu,
     host_bytes_round_trip_cuda
 );
-
