@@ -114,9 +114,59 @@ def make_t5() -> None:
     print("t5:", {k: tuple(t.shape) for k, t in golden.items()})
 
 
+def make_w2v() -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from wav2vec2_ref import W2vConfig, Wav2Vec2
+
+    w = TINY["wav2vec2"]
+    cfg = W2vConfig(conv_dim=w["conv_dim"], conv_kernel=w["conv_kernel"],
+                    conv_stride=w["conv_stride"], hidden=w["hidden"], num_layers=w["num_layers"],
+                    num_heads=w["num_heads"], ffn_dim=w["ffn_dim"],
+                    pos_conv_kernel=w["pos_conv_kernel"], pos_conv_groups=w["pos_conv_groups"])
+    gen = torch.Generator().manual_seed(77)
+    model = Wav2Vec2(cfg).eval()
+    random_init_(model, gen)
+    with torch.no_grad():
+        # weight_g ~ |N| scale of a real weight-normed kernel (per-tap norms).
+        g = model.encoder.pos_conv_embed.conv.weight_g
+        g.copy_((0.5 + 0.5 * torch.rand(g.shape, generator=gen)).bfloat16().float())
+    out = FIX / "wav2vec2_tiny"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.hf_config(), indent=2) + "\n")
+    # As the CTC checkpoint: `wav2vec2.` prefix plus the (unused) CTC head and masked_spec_embed.
+    sd = {f"wav2vec2.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    sd["wav2vec2.masked_spec_embed"] = torch.rand(cfg.hidden, generator=gen)
+    sd["lm_head.weight"] = torch.randn(32, cfg.hidden, generator=gen)
+    sd["lm_head.bias"] = torch.zeros(32)
+    save_file(sd, out / "model.safetensors")
+    # 0.5 s of normalised noise-like audio: T50 = (8000 − 400) // 320 + 1 = 24 frames.
+    wav = torch.randn(1, 8000, generator=gen)
+    with torch.no_grad():
+        states = model(wav)[:, 0]
+    golden = {"input_values": wav, "hidden_states": states}
+    try:  # optional cross-check with transformers' implementation of the same checkpoint
+        from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+        hf = Wav2Vec2ForCTC(Wav2Vec2Config(**cfg.hf_config())).eval()
+        missing = hf.load_state_dict({k: v for k, v in sd.items()}, strict=False)
+        assert not missing.unexpected_keys, missing
+        with torch.no_grad():
+            hs = hf(wav, output_hidden_states=True).hidden_states
+        d = max(((a[0] - b).norm() / b.norm()).item() for a, b in zip(hs, states))
+        print(f"wav2vec2: transformers agrees, max rel L2 {d:.2e}")
+        assert d < 1e-5
+    except ImportError:
+        print("wav2vec2: transformers not installed, cross-check skipped")
+    save_pth(golden, out / "golden.pth")
+    print("wav2vec2:", {k: tuple(t.shape) for k, t in golden.items()})
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     torch.manual_seed(0)
     which = sys.argv[1:] or ["vae", "t5", "w2v"]
     for w in which:
-        {"vae": make_vae, "t5": make_t5}[w]()
+        {"vae": make_vae, "t5": make_t5, "w2v": make_w2v}[w]()

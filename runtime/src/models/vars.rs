@@ -101,6 +101,11 @@ impl<'a> VarsRoot<'a> {
         }
     }
 
+    /// Whether the source holds `name` (full name).
+    pub fn contains(&self, name: &str) -> bool {
+        self.src.contains(name)
+    }
+
     /// Err if the source holds tensors no `get` asked for (ignoring names `ignore` accepts).
     pub fn check_all_used(&self, ignore: impl Fn(&str) -> bool) -> Result<()> {
         let used = self.used.lock().map_err(|_| Error::LockPoisoned)?;

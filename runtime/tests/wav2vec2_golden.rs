@@ -1,0 +1,50 @@
+//! Golden test of the wav2vec2 network (model-spec §1.4) against our PyTorch reference
+//! (tests/reference/wav2vec2_ref.py, itself checked against transformers' Wav2Vec2ForCTC when
+//! the fixtures were made): tiny config of configs/models/tiny.toml in an HF folder
+//! (config.json + model.safetensors with the CTC model's names), all 25 hidden states.
+
+use std::path::PathBuf;
+
+use runtime::models::wav2vec2::Wav2Vec2;
+use runtime::pth::PthFile;
+use runtime::testing::{compare, tolerance};
+use runtime::{DType, Device, Result};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/wav2vec2_tiny")
+}
+
+#[test]
+fn wav2vec2_hidden_states_match_reference() -> Result<()> {
+    let golden = PthFile::open(fixtures().join("golden.pth"))?;
+    let model = Wav2Vec2::load_dir(fixtures(), DType::F32, Device::Cpu)?;
+    let spec = planner::spec::ModelSpec::builtin("tiny").expect("tiny spec");
+    assert_eq!(model.config().num_layers as u64, spec.wav2vec2.num_layers);
+    assert_eq!(model.config().hidden as u64, spec.wav2vec2.hidden);
+    let wav = golden.tensor("input_values", &Device::Cpu)?.to_vec_f32()?;
+    let hs = model.hidden_states(&wav)?;
+    let want = golden.tensor("hidden_states", &Device::Cpu)?;
+    assert_eq!(hs.dims(), want.dims());
+    assert_eq!(hs.dim(0)?, 25);
+    assert_eq!(hs.dim(1)?, (wav.len() - 400) / 320 + 1);
+    let tol = tolerance(DType::F32);
+    for i in 0..25 {
+        let c = compare(
+            &hs.narrow(0, i, 1)?.to_vec_f32()?,
+            &want.narrow(0, i, 1)?.to_vec_f32()?,
+        );
+        let what = format!("hidden state {i}");
+        println!("{}", c.report(&what, tol));
+        assert!(c.passes(tol), "{}", c.report(&what, tol));
+    }
+    Ok(())
+}
+
+#[test]
+fn wav2vec2_rejects_too_short_audio() -> Result<()> {
+    let model = Wav2Vec2::load_dir(fixtures(), DType::F32, Device::Cpu)?;
+    assert!(model.hidden_states(&[0.0; 399]).is_err());
+    assert_eq!(model.config().num_frames(400), 1);
+    assert_eq!(model.config().num_frames(16_000), 49);
+    Ok(())
+}
