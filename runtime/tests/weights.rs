@@ -306,3 +306,60 @@ fn shard_reads_equal_slices_of_the_full_tensor() {
             .contains("does not split into 3")
     );
 }
+
+#[test]
+fn sharded_loads_with_lora_equal_slices_of_the_merged_weight() {
+    use runtime::models::VarBuilder;
+    let ckpt = Checkpoint::open(fixture_ckpt()).unwrap();
+    let lora_path = fixture_ckpt().join("../lora/liveavatar.safetensors");
+    let lora = Lora::open(lora_path, TINY_LORA).unwrap();
+    let vb = VarBuilder::new(&ckpt, Some(&lora), DType::BF16, Device::Cpu);
+    let (d, f) = (cfg().dim, cfg().ffn_dim);
+    for (name, shape) in [
+        ("blocks.2.ffn.0", [f, d]),
+        ("blocks.0.cross_attn.o", [d, d]),
+    ] {
+        let m = vb.pp(name);
+        let full = m.get("weight", &shape).unwrap();
+        let plain = ckpt
+            .tensor(&format!("{name}.weight"), &Device::Cpu)
+            .unwrap();
+        assert_ne!(
+            full.to_bytes().unwrap(),
+            plain.to_bytes().unwrap(),
+            "{name} not adapted"
+        );
+        for dim in 0..2 {
+            let n = shape[dim];
+            for rank in 0..2 {
+                let hint = ShardHint {
+                    dim,
+                    rank,
+                    world: 2,
+                };
+                let part = m.get_sharded("weight", &shape, hint).unwrap();
+                let want = full.narrow(dim, rank * n / 2, n / 2).unwrap();
+                assert_eq!(
+                    part.to_bytes().unwrap(),
+                    want.to_bytes().unwrap(),
+                    "{name} {hint:?}"
+                );
+            }
+        }
+        let wrong = m.get_sharded(
+            "weight",
+            &[1, 2],
+            ShardHint {
+                dim: 0,
+                rank: 0,
+                world: 2,
+            },
+        );
+        assert!(
+            wrong
+                .unwrap_err()
+                .to_string()
+                .contains("model expects [1, 2]")
+        );
+    }
+}

@@ -2,7 +2,7 @@
 //! mirrors the checkpoint keys (candle's `VarBuilder` pattern).
 
 use crate::memory::{Category, scope};
-use crate::weights::{Checkpoint, CheckpointErrorKind, Lora};
+use crate::weights::{Checkpoint, CheckpointErrorKind, Lora, ShardHint};
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// Loads tensors of one checkpoint (with an optional LoRA merged at load) in `dtype`.
@@ -74,6 +74,35 @@ impl<'a> VarBuilder<'a> {
         }
         let merged = match (self.lora, full.strip_suffix(".weight")) {
             (Some(lora), Some(module)) => lora.merge(module, &stored)?,
+            _ => None,
+        };
+        merged.unwrap_or(stored).to_dtype(self.dtype)
+    }
+
+    /// This rank's part of tensor `name` (full shape `shape`) split by `hint`; only its byte
+    /// ranges are read, and the LoRA delta is formed for that part only (tensor-parallel
+    /// loading, style rule 6).
+    pub fn get_sharded(&self, name: &str, shape: &[usize], hint: ShardHint) -> Result<Tensor> {
+        let full = self.full(name);
+        let got = self
+            .ckpt
+            .info(&full)
+            .map(|i| i.shape.clone())
+            .unwrap_or_default();
+        if got != shape {
+            return Err(Error::Checkpoint {
+                path: self.ckpt.dir().display().to_string(),
+                kind: CheckpointErrorKind::ShapeMismatch {
+                    name: full,
+                    expected: shape.to_vec(),
+                    got,
+                },
+            });
+        }
+        let _g = scope(Category::Weights);
+        let stored = self.ckpt.tensor_shard(&full, hint, &self.device)?;
+        let merged = match (self.lora, full.strip_suffix(".weight")) {
+            (Some(lora), Some(module)) => lora.merge_shard(module, &stored, Some(hint))?,
             _ => None,
         };
         merged.unwrap_or(stored).to_dtype(self.dtype)
