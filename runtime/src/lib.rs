@@ -45,6 +45,7 @@ pub mod device;
 mod error;
 pub mod memory;
 pub mod models;
+pub mod parallel;
 pub mod pth;
 pub mod sampling;
 pub mod tensor;

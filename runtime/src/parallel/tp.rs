@@ -1,0 +1,319 @@
+//! Tensor parallelism over heads and the FFN hidden dim (Megatron layout).
+//!
+//! Column-parallel q, k, v and ffn.0 keep rows `rank·n/tp ..` of their `[out, in]` weight and
+//! bias, so each rank computes its own heads (or hidden units) from the replicated input and
+//! no communication happens. Row-parallel o and ffn.2 keep the matching input columns; each
+//! rank's partial product is all-reduced in f32 and the replicated bias is added once, after
+//! the reduction. The q/k RMSNorms normalise over the full width (model-spec §3.3.1), so
+//! [`ShardedRmsNorm`] all-reduces the per-token sum of squares of the head shards.
+
+use super::{Shard, SharedComm, shard_of};
+use crate::comm::ReduceOp;
+use crate::device::{BinaryOp, Epilogue};
+use crate::{DType, Error, Result, Tensor};
+
+/// How a checkpoint tensor of a transformer block (or an audio injector, the same attention
+/// module) is split under tensor parallelism: `None` means replicated. `name` is the full or
+/// block-relative key, e.g. `blocks.3.self_attn.q.weight` or `ffn.2.bias`.
+pub fn block_hint(name: &str, rank: usize, world: usize) -> Option<Shard> {
+    let hint = |dim| Some(Shard { dim, rank, world });
+    let parts: Vec<&str> = name.rsplitn(3, '.').collect();
+    let (param, module) = match parts.as_slice() {
+        [p, m, ..] => (*p, *m),
+        _ => return None,
+    };
+    let parent = parts
+        .get(2)
+        .map_or("", |p| p.rsplit('.').next().unwrap_or(""));
+    match (parent, module, param) {
+        // Column-parallel: rows are heads (q, k, v) or hidden units (ffn.0); the q/k norm
+        // weights follow their heads.
+        (_, "q" | "k" | "v" | "norm_q" | "norm_k", "weight" | "bias") => hint(0),
+        ("ffn", "0", "weight" | "bias") => hint(0),
+        // Row-parallel: input columns; the bias is added after the all-reduce.
+        (_, "o", "weight") | ("ffn", "2", "weight") => hint(1),
+        _ => None,
+    }
+}
+
+/// A linear layer whose output features are split over the TP group (no communication).
+#[derive(Debug, Clone)]
+pub struct ColumnParallel {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl ColumnParallel {
+    /// `weight`: this rank's rows `[out/tp, in]`; `bias`: the matching `[out/tp]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out, _) = weight.dims2()?;
+        check_bias("ColumnParallel", bias.as_ref(), out)?;
+        Ok(Self { weight, bias })
+    }
+
+    /// Slices the full weight and bias (weights read once and scattered; tests).
+    pub fn from_full(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        rank: usize,
+        world: usize,
+    ) -> Result<Self> {
+        let h = |dim| Shard { dim, rank, world };
+        Self::new(
+            shard_of(weight, h(0))?,
+            bias.map(|b| shard_of(b, h(0))).transpose()?,
+        )
+    }
+
+    /// The loader's hint for the weight and for the bias: rows.
+    pub fn hint(rank: usize, world: usize) -> Shard {
+        Shard {
+            dim: 0,
+            rank,
+            world,
+        }
+    }
+
+    /// `x [.., in]` (replicated) → `[.., out/tp]` in the weight's dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.to_dtype(self.weight.dtype())?
+            .linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// A linear layer whose input features are split over the TP group; the output is
+/// all-reduced, so every rank holds the full, identical result.
+#[derive(Debug, Clone)]
+pub struct RowParallel {
+    pub weight: Tensor,
+    /// Replicated `[out]`, added after the reduction.
+    pub bias: Option<Tensor>,
+    comm: SharedComm,
+}
+
+impl RowParallel {
+    /// `weight`: this rank's columns `[out, in/tp]`; `bias`: the full `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, comm: SharedComm) -> Result<Self> {
+        let (out, _) = weight.dims2()?;
+        check_bias("RowParallel", bias.as_ref(), out)?;
+        Ok(Self { weight, bias, comm })
+    }
+
+    pub fn from_full(weight: &Tensor, bias: Option<&Tensor>, comm: SharedComm) -> Result<Self> {
+        let h = Self::hint(comm.rank(), comm.world());
+        Self::new(shard_of(weight, h)?, bias.cloned(), comm)
+    }
+
+    /// The loader's hint for the weight (columns); the bias is read whole.
+    pub fn hint(rank: usize, world: usize) -> Shard {
+        Shard {
+            dim: 1,
+            rank,
+            world,
+        }
+    }
+
+    /// `x [.., in/tp]` (this rank's heads or hidden units) → `[.., out]` in the weight's
+    /// dtype. The partial products are reduced in f32 and rounded once, as the unsharded GEMM
+    /// with f32 accumulation rounds once.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = self.weight.dtype();
+        let partial = x
+            .to_dtype(dt)?
+            .linear_ex(&self.weight, None, Epilogue::None, DType::F32)?;
+        let sum = self.comm.all_reduce(&partial, ReduceOp::Sum)?;
+        match &self.bias {
+            Some(b) => sum.binary_to(b, BinaryOp::Add, dt),
+            None => sum.to_dtype(dt),
+        }
+    }
+}
+
+fn check_bias(op: &'static str, bias: Option<&Tensor>, out: usize) -> Result<()> {
+    match bias {
+        Some(b) if b.dims() != [out] => Err(Error::invalid(
+            op,
+            format!("bias {:?} does not match {out} output features", b.shape()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `WanRMSNorm` over the full width of activations whose last dim is split over the TP group
+/// (this rank's heads): `x·rsqrt(Σ_all x² / full_dim + eps)` with the per-token sum of squares
+/// all-reduced in f32, rounded to x's dtype, × this rank's slice of the weight.
+#[derive(Debug, Clone)]
+pub struct ShardedRmsNorm {
+    pub weight: Tensor,
+    pub full_dim: usize,
+    pub eps: f32,
+    comm: SharedComm,
+}
+
+impl ShardedRmsNorm {
+    /// `weight`: this rank's `[full_dim/tp]` slice.
+    pub fn new(weight: Tensor, full_dim: usize, eps: f32, comm: SharedComm) -> Result<Self> {
+        let n = weight.dims()[..].iter().product::<usize>();
+        if weight.rank() != 1 || n * comm.world() != full_dim {
+            return Err(Error::invalid(
+                "ShardedRmsNorm",
+                format!(
+                    "weight {:?} is not a 1/{} slice of width {full_dim}",
+                    weight.shape(),
+                    comm.world()
+                ),
+            ));
+        }
+        Ok(Self {
+            weight,
+            full_dim,
+            eps,
+            comm,
+        })
+    }
+
+    pub fn from_full(weight: &Tensor, eps: f32, comm: SharedComm) -> Result<Self> {
+        let full = weight.dim(0)?;
+        let h = Shard {
+            dim: 0,
+            rank: comm.rank(),
+            world: comm.world(),
+        };
+        Self::new(shard_of(weight, h)?, full, eps, comm)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, cols) = x.shape().rows_cols();
+        let x2 = x.reshape((rows, cols))?;
+        let ss = x2.to_dtype(DType::F32)?.sqr()?.sum_last()?;
+        let ss = self.comm.all_reduce(&ss, ReduceOp::Sum)?;
+        let inv = ss
+            .affine(1.0 / self.full_dim as f32, self.eps)?
+            .sqrt()?
+            .recip()?
+            .reshape((rows, 1))?;
+        let n = x2.binary_to(&inv, BinaryOp::Mul, x.dtype())?;
+        n.mul(&self.weight)?.reshape(x.shape().clone())
+    }
+}
+
+/// Attention projections of `WanSelfAttention` / `WanCrossAttention` for this rank's heads:
+/// column-parallel q, k, v with full-width q/k norms, row-parallel o. Same methods as the
+/// unsharded module, so block code does not change.
+#[derive(Debug, Clone)]
+pub struct TpAttention {
+    pub q: ColumnParallel,
+    pub k: ColumnParallel,
+    pub v: ColumnParallel,
+    pub o: RowParallel,
+    pub norm_q: ShardedRmsNorm,
+    pub norm_k: ShardedRmsNorm,
+    /// Heads on this rank (num_heads / tp).
+    pub local_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The full (unsharded) tensors of one attention module, in checkpoint layout.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionWeights<'a> {
+    pub q: (&'a Tensor, &'a Tensor),
+    pub k: (&'a Tensor, &'a Tensor),
+    pub v: (&'a Tensor, &'a Tensor),
+    pub o: (&'a Tensor, &'a Tensor),
+    pub norm_q: &'a Tensor,
+    pub norm_k: &'a Tensor,
+}
+
+impl TpAttention {
+    /// Built from shards a loader read with [`block_hint`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        q: ColumnParallel,
+        k: ColumnParallel,
+        v: ColumnParallel,
+        o: RowParallel,
+        norm_q: ShardedRmsNorm,
+        norm_k: ShardedRmsNorm,
+        num_heads: usize,
+        tp: usize,
+    ) -> Result<Self> {
+        if num_heads == 0 || !num_heads.is_multiple_of(tp) {
+            return Err(Error::invalid(
+                "TpAttention",
+                format!("{num_heads} heads do not split over tp {tp}"),
+            ));
+        }
+        let local_heads = num_heads / tp;
+        let width = q.weight.dims2()?.0;
+        if !width.is_multiple_of(local_heads) {
+            return Err(Error::invalid(
+                "TpAttention",
+                format!("q width {width} is not {local_heads} heads"),
+            ));
+        }
+        Ok(Self {
+            q,
+            k,
+            v,
+            o,
+            norm_q,
+            norm_k,
+            local_heads,
+            head_dim: width / local_heads,
+        })
+    }
+
+    /// Slices full weights for this rank of `comm` (weights read once and scattered; tests).
+    pub fn from_full(
+        w: AttentionWeights,
+        num_heads: usize,
+        eps: f32,
+        comm: SharedComm,
+    ) -> Result<Self> {
+        let (r, n) = (comm.rank(), comm.world());
+        let col = |p: (&Tensor, &Tensor)| ColumnParallel::from_full(p.0, Some(p.1), r, n);
+        Self::new(
+            col(w.q)?,
+            col(w.k)?,
+            col(w.v)?,
+            RowParallel::from_full(w.o.0, Some(w.o.1), comm.clone())?,
+            ShardedRmsNorm::from_full(w.norm_q, eps, comm.clone())?,
+            ShardedRmsNorm::from_full(w.norm_k, eps, comm.clone())?,
+            num_heads,
+            n,
+        )
+    }
+
+    /// `[.., L, width/tp]` → `[B, L, heads/tp, head_dim]`.
+    pub fn heads(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() < 2 {
+            return Err(Error::UnexpectedRank {
+                op: "TpAttention::heads",
+                expected: 3,
+                got: x.shape().clone(),
+            });
+        }
+        let l = dims[dims.len() - 2];
+        let b = x.elem_count() / (l * self.local_heads * self.head_dim).max(1);
+        x.reshape((b, l, self.local_heads, self.head_dim))
+    }
+
+    /// RMSNorm_q(Wq·x) as this rank's heads.
+    pub fn query(&self, x: &Tensor) -> Result<Tensor> {
+        self.heads(&self.norm_q.forward(&self.q.forward(x)?)?)
+    }
+
+    /// (RMSNorm_k(Wk·x), Wv·x) as this rank's heads.
+    pub fn key_value(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let k = self.heads(&self.norm_k.forward(&self.k.forward(x)?)?)?;
+        let v = self.heads(&self.v.forward(x)?)?;
+        Ok((k, v))
+    }
+
+    /// Output projection of this rank's heads `[B, L, H/tp, d]` → `[B, L, dim]` (all-reduced).
+    pub fn out(&self, heads: &Tensor) -> Result<Tensor> {
+        let (b, l, h, d) = heads.dims4()?;
+        self.o.forward(&heads.reshape((b, l, h * d))?)
+    }
+}
