@@ -10,7 +10,7 @@ use runtime::models::wan::{
     CausalWanModelS2V, ClipInputs, RelativeDist, StepCache, StreamCall, StreamGeometry,
     StreamRunner, WanConfig,
 };
-use runtime::sampling::{FlowMatchSchedule, euler_step};
+use runtime::sampling::{FlowMatchSchedule, euler_step, load_noise};
 use runtime::testing::{Comparison, compare};
 use runtime::weights::{Checkpoint, Lora, LoraConfig, SafetensorsFile};
 use runtime::{DType, Device, Tensor};
@@ -36,11 +36,11 @@ const TINY_LORA: LoraConfig = LoraConfig {
     alpha: 2.0,
 };
 
-fn load_model(dtype: DType) -> CausalWanModelS2V {
+fn load_model(dtype: DType, dev: &Device) -> CausalWanModelS2V {
     let (cfg, _) = tiny_cfg();
     let ckpt = Checkpoint::open(fixtures().join("checkpoint")).unwrap();
     let lora = Lora::open(fixtures().join("lora/liveavatar.safetensors"), TINY_LORA).unwrap();
-    CausalWanModelS2V::from_checkpoint(&cfg, &ckpt, Some(&lora), dtype, Device::Cpu).unwrap()
+    CausalWanModelS2V::from_checkpoint(&cfg, &ckpt, Some(&lora), dtype, *dev).unwrap()
 }
 
 fn geometry(inputs: &SafetensorsFile) -> StreamGeometry {
@@ -55,8 +55,8 @@ fn geometry(inputs: &SafetensorsFile) -> StreamGeometry {
     .unwrap()
 }
 
-fn t(file: &SafetensorsFile, name: &str) -> Tensor {
-    file.tensor(name, &Device::Cpu)
+fn t(file: &SafetensorsFile, name: &str, dev: &Device) -> Tensor {
+    file.tensor(name, dev)
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap()
@@ -159,21 +159,20 @@ fn schedule_and_euler_match() {
     assert_eq!(out.to_bytes().unwrap(), s.bytes("euler_bf16.out").unwrap());
 }
 
-#[test]
-fn prefill_matches() {
-    let model = load_model(DType::F32);
+fn prefill_matches(dev: &Device) -> runtime::Result<()> {
+    let model = load_model(DType::F32, dev);
     let inputs = open("inputs.safetensors");
     let pre = open("prefill.safetensors");
     let inter = open("intermediates.safetensors");
     let g = geometry(&inputs);
     let mut rep = Report::default();
-    let text = model.embed_text(&t(&inputs, "context")).unwrap();
+    let text = model.embed_text(&t(&inputs, "context", dev)).unwrap();
     rep.check("text_emb", &text, &inter, "text_emb");
     let text = model.text_kv(&text).unwrap();
-    let motion = t(&inputs, "motion_latents");
+    let motion = t(&inputs, "motion_latents", dev);
     for r in 0..2 {
-        let sink = t(&pre, &format!("r{r}.sink_ref"));
-        let mut cache = StepCache::new(&model.cfg, g, DType::F32, &Device::Cpu).unwrap();
+        let sink = t(&pre, &format!("r{r}.sink_ref"), dev);
+        let mut cache = StepCache::new(&model.cfg, g, DType::F32, dev).unwrap();
         let mut rec = Default::default();
         model
             .prefill(&mut cache, &sink, &motion, &text, Some(&mut rec))
@@ -191,13 +190,14 @@ fn prefill_matches() {
         }
     }
     rep.finish("prefill", TOL);
+    Ok(())
 }
+runtime::test_device!(prefill_matches, prefill_matches_cpu, prefill_matches_cuda);
 
 /// Model-only test: every call is fed the reference's x[i] (teacher forcing), so each
 /// output is compared independently of earlier errors.
-#[test]
-fn streaming_calls_match() {
-    let model = load_model(DType::F32);
+fn streaming_calls_match(dev: &Device) -> runtime::Result<()> {
+    let model = load_model(DType::F32, dev);
     let (inputs, pre, calls, inter) = (
         open("inputs.safetensors"),
         open("prefill.safetensors"),
@@ -207,27 +207,27 @@ fn streaming_calls_match() {
     let g = geometry(&inputs);
     let sched = FlowMatchSchedule::liveavatar(4).unwrap();
     let text = model
-        .text_kv(&model.embed_text(&t(&inputs, "context")).unwrap())
+        .text_kv(&model.embed_text(&t(&inputs, "context", dev)).unwrap())
         .unwrap();
-    let motion = t(&inputs, "motion_latents");
-    let audio = t(&inputs, "audio");
-    let cond_states = t(&inputs, "cond_states");
+    let motion = t(&inputs, "motion_latents", dev);
+    let audio = t(&inputs, "audio", dev);
+    let cond_states = t(&inputs, "cond_states", dev);
     let rel = inputs.i64_vec("relative_dist").unwrap();
     let blocks_run = inputs.i64_vec("blocks_run").unwrap();
     let steps = sched.steps();
     let mut caches: Vec<StepCache> = (0..steps)
-        .map(|_| StepCache::new(&model.cfg, g, DType::F32, &Device::Cpu).unwrap())
+        .map(|_| StepCache::new(&model.cfg, g, DType::F32, dev).unwrap())
         .collect();
     let mut rep = Report::default();
     let (fpb, lat) = (g.frames_per_block, g.ring_frames);
     let mut ncalls = 0;
     for (r, &nb) in blocks_run.iter().enumerate() {
-        let sink = t(&pre, &format!("r{r}.sink_ref"));
+        let sink = t(&pre, &format!("r{r}.sink_ref"), dev);
         for c in &mut caches {
             model.prefill(c, &sink, &motion, &text, None).unwrap();
         }
         for b in 0..nb as usize {
-            let xs = t(&calls, &format!("r{r}.b{b}.x"));
+            let xs = t(&calls, &format!("r{r}.b{b}.x"), dev);
             let key_len = calls.i64_vec(&format!("r{r}.b{b}.key_len")).unwrap();
             let ref_time = calls.i64_vec(&format!("r{r}.b{b}.ref_time")).unwrap();
             let f0 = lat * r + fpb * b;
@@ -252,7 +252,7 @@ fn streaming_calls_match() {
                     .forward_stream(&mut caches[i], &call, &text, record.then_some(&mut rec))
                     .unwrap();
                 ncalls += 1;
-                let v_ref = calls.tensor(&format!("r{r}.b{b}.v"), &Device::Cpu).unwrap();
+                let v_ref = calls.tensor(&format!("r{r}.b{b}.v"), dev).unwrap();
                 let v_ref = v_ref.narrow(0, i, 1).unwrap().squeeze(0).unwrap();
                 let c = compare(&v.to_vec_f32().unwrap(), &v_ref.to_vec_f32().unwrap());
                 rep.rows.push((format!("{tag} v"), c));
@@ -281,12 +281,18 @@ fn streaming_calls_match() {
     }
     assert!(ncalls >= 12, "only {ncalls} calls");
     rep.finish("streaming calls (teacher forced)", TOL);
+    Ok(())
 }
+runtime::test_device!(
+    streaming_calls_match,
+    streaming_calls_match_cpu,
+    streaming_calls_match_cuda
+);
 
 /// Runs the free-running sampler over the fixture's clips in `dtype` and compares x at
 /// every step and the clip latents with the f32 reference.
-fn run_sampler(dtype: DType, fp8: bool) -> Report {
-    let mut model = load_model(dtype);
+fn run_sampler(dtype: DType, fp8: bool, dev: &Device) -> Report {
+    let mut model = load_model(dtype, dev);
     if fp8 {
         model.quantize_fp8().unwrap();
         assert_eq!(model.blocks[0].ffn_0.weight.dtype(), DType::F8E4M3);
@@ -310,19 +316,26 @@ fn run_sampler(dtype: DType, fp8: bool) -> Report {
         &model,
         g,
         sched,
-        &t(&inputs, "context"),
-        t(&inputs, "ref_latent"),
-        t(&inputs, "motion_latents"),
+        &t(&inputs, "context", dev),
+        t(&inputs, "ref_latent", dev),
+        t(&inputs, "motion_latents", dev),
         RelativeDist::Table(table),
     )
     .unwrap();
-    let audio = t(&inputs, "audio");
-    let cond = t(&inputs, "cond_states");
+    let audio = t(&inputs, "audio", dev);
+    let cond = t(&inputs, "cond_states", dev);
     let lat = g.ring_frames;
     let mut rep = Report::default();
     for (r, &nb) in blocks_run.iter().enumerate() {
         let clip = ClipInputs {
-            noise: t(&inputs, &format!("noise.r{r}")),
+            // Noise injected from a file, as when comparing with the reference (§5).
+            noise: load_noise(
+                fixtures().join("inputs.safetensors"),
+                &format!("noise.r{r}"),
+                DType::F32,
+                dev,
+            )
+            .unwrap(),
             audio: audio.narrow(3, 4 * lat * r, 4 * lat).unwrap(),
             cond_states: cond.narrow(1, lat * r, lat).unwrap(),
             blocks: nb as usize,
@@ -345,22 +358,38 @@ fn run_sampler(dtype: DType, fp8: bool) -> Report {
 }
 
 /// The free-running sampler over two clips in f32 (ring wrap and re-prefill included).
-#[test]
-fn sampler_block_matches() {
-    run_sampler(DType::F32, false).finish("sampler (free running)", TOL);
+fn sampler_block_matches(dev: &Device) -> runtime::Result<()> {
+    run_sampler(DType::F32, false, dev).finish("sampler (free running)", TOL);
+    Ok(())
 }
+runtime::test_device!(
+    sampler_block_matches,
+    sampler_block_matches_cpu,
+    sampler_block_matches_cuda
+);
 
 /// bf16 weights with the §3.3.1 dtype flow and the bf16 Euler rule: the whole run stays
 /// within the bf16 tolerance of the f32 reference (the reference's own bf16 mode lands
 /// within 4.6e-3, tests/reference/README.md).
-#[test]
-fn bf16_sampler_stays_close_to_f32() {
-    run_sampler(DType::BF16, false).finish("sampler in bf16 vs f32 reference", 1e-2);
+fn bf16_sampler_stays_close_to_f32(dev: &Device) -> runtime::Result<()> {
+    run_sampler(DType::BF16, false, dev).finish("sampler in bf16 vs f32 reference", 1e-2);
+    Ok(())
 }
+runtime::test_device!(
+    bf16_sampler_stays_close_to_f32,
+    bf16_sampler_cpu,
+    bf16_sampler_cuda
+);
 
 /// The `--fp8` option (§8.1) on top of bf16: within the fp8 tolerance of the f32 reference.
-#[test]
-fn fp8_sampler_stays_close_to_f32() {
+fn fp8_sampler_stays_close_to_f32(dev: &Device) -> runtime::Result<()> {
     let tol = runtime::testing::tolerance(DType::F8E4M3);
-    run_sampler(DType::BF16, true).finish("sampler in bf16 + fp8 linears vs f32 reference", tol);
+    run_sampler(DType::BF16, true, dev)
+        .finish("sampler in bf16 + fp8 linears vs f32 reference", tol);
+    Ok(())
 }
+runtime::test_device!(
+    fp8_sampler_stays_close_to_f32,
+    fp8_sampler_cpu,
+    fp8_sampler_cuda
+);
