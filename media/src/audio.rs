@@ -313,7 +313,7 @@ impl AudioStream {
 
     /// Push interleaved samples; returns the 16 kHz mono samples that became available.
     pub fn push(&mut self, interleaved: &[f32]) -> Result<Vec<f32>> {
-        let mono = if self.carry.is_empty() && interleaved.len() % self.channels == 0 {
+        let mono = if self.carry.is_empty() && interleaved.len().is_multiple_of(self.channels) {
             downmix(interleaved, self.channels)
         } else {
             self.carry.extend_from_slice(interleaved);

@@ -2,7 +2,8 @@
 //! (ffmpeg-sidecar without its download feature).
 //!
 //! Written progressively: raw RGB frames go to ffmpeg's stdin as blocks arrive and the output
-//! is a fragmented MP4 (`frag_keyframe+empty_moov`) with a keyframe at every block boundary and
+//! is a fragmented MP4 (`frag_keyframe+delay_moov`: the moov waits for the first fragment so
+//! it can carry the AAC priming edit list) with a keyframe at every block boundary and
 //! no encoder lookahead (`-tune zerolatency`), so each finished block is on disk as a playable
 //! fragment once the next block's first frame is encoded. If this process dies, ffmpeg sees
 //! EOF and finalises the file; if ffmpeg itself is killed, only the fragment in progress is
@@ -36,6 +37,10 @@ pub struct Mp4Options {
     /// 120 ms; 3 here puts every frame next to the audio that drove it, 0 reproduces the
     /// reference.
     pub audio_skip_frames: u32,
+    /// When the final frame count is known up front, the audio is cut to exactly that length.
+    /// Otherwise `-shortest` ends it, which in ffmpeg 5.1 lets the AAC track run up to ~0.25 s
+    /// past the last video frame.
+    pub expected_frames: Option<u64>,
     pub crf: u32,
     pub preset: String,
     pub audio_bitrate: String,
@@ -52,6 +57,7 @@ impl Mp4Options {
             block_frames: 12,
             audio: None,
             audio_skip_frames: 3,
+            expected_frames: None,
             crf: 18,
             preset: "veryfast".into(),
             audio_bitrate: "192k".into(),
@@ -138,10 +144,16 @@ impl Mp4Writer {
         if let Some(audio) = &opts.audio {
             cmd.input(audio.as_os_str())
                 .args(["-map", "0:v:0", "-map", "1:a:0"]);
-            if opts.audio_skip_frames > 0 {
-                let skip = f64::from(opts.audio_skip_frames) / f64::from(opts.fps);
-                cmd.args(["-af", &format!("atrim=start={skip},asetpts=PTS-STARTPTS")]);
-            }
+            let fps = f64::from(opts.fps);
+            let start = f64::from(opts.audio_skip_frames) / fps;
+            let end = opts
+                .expected_frames
+                .map(|n| format!(":end={}", start + n as f64 / fps))
+                .unwrap_or_default();
+            cmd.args([
+                "-af",
+                &format!("atrim=start={start}{end},asetpts=PTS-STARTPTS"),
+            ]);
             cmd.codec_audio("aac")
                 .args(["-b:a", &opts.audio_bitrate, "-shortest"]);
         } else {
@@ -153,7 +165,7 @@ impl Mp4Writer {
             .preset(&opts.preset)
             .args(["-tune", "zerolatency", "-g", &g, "-keyint_min", &g])
             .args(["-sc_threshold", "0", "-r", &opts.fps.to_string()])
-            .args(["-movflags", "frag_keyframe+empty_moov+default_base_moof"])
+            .args(["-movflags", "frag_keyframe+delay_moov+default_base_moof"])
             .args(["-flush_packets", "1", "-f", "mp4"])
             .overwrite()
             .output(path.as_os_str());

@@ -1,6 +1,8 @@
 //! Audio decode and the 16 kHz front end: formats, must-work inputs, clear errors, and the
 //! chunk-by-chunk path giving the whole-file samples.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::f64::consts::PI;
 use std::path::{Path, PathBuf};
 

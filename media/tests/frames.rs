@@ -1,6 +1,8 @@
 //! The §10.3 mapping: wav2vec2 frame count, 50 → 30 Hz align-corners interpolation,
 //! round(6k/5) sampling to 25 fps, clip bucketing and per-block slices.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use media::frames::{
     BLOCK_FRAMES, CLIP_FRAMES, Features, clip_features, frames_30hz, interpolate_align_corners,
     num_clips, track_index, wav2vec2_frames, wav2vec2_input_values,

@@ -1,5 +1,7 @@
 //! Reference-image preprocessing (model-spec §10.1) against Pillow goldens and the planner.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
