@@ -4,11 +4,19 @@
 //! `Send`-friendly, so the control plane (tokio, its own threads) never touches them: it sends
 //! a [`Command`] over a channel and awaits the reply on a oneshot.
 
+use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use proto::ErrorKind;
+use runtime::comm::{CommErrorKind, SocketComm, SocketOptions};
 use tokio::sync::oneshot;
+
+/// How long forming the communicator may take: every rank must have received its Init.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline of each collective once the communicator exists.
+const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The device this rank computes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,11 +63,35 @@ pub struct Probe {
     pub detail: String,
 }
 
+/// How this rank reaches the communicator's rendezvous.
+#[derive(Debug)]
+pub enum Rendezvous {
+    /// Rank 0: host it on the listener whose address went out in the registration.
+    Host(TcpListener),
+    /// Other ranks: join rank 0 at this address (from Init).
+    Join(SocketAddr),
+}
+
+/// A failure of the compute thread, classified for the control plane.
+pub type Failure = (ErrorKind, String);
+
 /// Work for the compute thread.
 #[derive(Debug)]
 pub enum Command {
     /// Prove the thread is alive and its device answers.
     Probe(oneshot::Sender<Probe>),
+    /// Form this rank's communicator (blocks until every rank has joined), check it with a
+    /// barrier, and keep it for the model. Replies with a description of the communicator.
+    Connect {
+        /// Where the rendezvous is.
+        rendezvous: Rendezvous,
+        /// This rank.
+        rank: usize,
+        /// Number of ranks.
+        world: usize,
+        /// The outcome.
+        reply: oneshot::Sender<Result<String, Failure>>,
+    },
     /// Leave the loop.
     Stop,
 }
@@ -117,27 +149,87 @@ impl Compute {
 }
 
 fn run(device: Device, rx: mpsc::Receiver<Command>) {
+    // The communicator lives and dies on this thread, like the device context.
+    let mut comm: Option<SocketComm> = None;
     while let Ok(cmd) = rx.recv() {
+        // Receivers may have given up (timeouts); nothing to do then, hence the ignored sends.
         match cmd {
             Command::Probe(reply) => {
-                // The receiver may have given up (timeout); nothing to do then.
-                let _ = reply.send(probe(device));
+                let _ = reply.send(probe(device, comm.as_ref()));
+            }
+            Command::Connect {
+                rendezvous,
+                rank,
+                world,
+                reply,
+            } => {
+                let outcome = if comm.is_some() {
+                    Err((
+                        ErrorKind::WrongState,
+                        "the communicator already exists".to_string(),
+                    ))
+                } else {
+                    connect(rendezvous, rank, world).map(|c| {
+                        let detail =
+                            format!("socket communicator, rank {} of {}", c.rank(), c.world());
+                        comm = Some(c);
+                        detail
+                    })
+                };
+                let _ = reply.send(outcome);
             }
             Command::Stop => break,
         }
+    }
+    if let Some(comm) = comm {
+        // Peers blocked on us fail fast instead of waiting for their timeout.
+        comm.abort();
     }
 }
 
 /// The device check of an expensive health probe. On the CPU backend the thread answering is
 /// the check; a CUDA build would allocate and synchronise on the device here.
-fn probe(device: Device) -> Probe {
-    Probe {
-        detail: format!(
-            "{}:{} compute thread answered",
-            device.kind(),
-            device.ordinal()
-        ),
+fn probe(device: Device, comm: Option<&SocketComm>) -> Probe {
+    let mut detail = format!(
+        "{}:{} compute thread answered",
+        device.kind(),
+        device.ordinal()
+    );
+    if let Some(c) = comm {
+        detail.push_str(&format!(
+            "; socket communicator rank {} of {}",
+            c.rank(),
+            c.world()
+        ));
     }
+    Probe { detail }
+}
+
+/// The CPU socket communicator (the control plane refuses multi-rank CUDA jobs before this).
+fn connect(rendezvous: Rendezvous, rank: usize, world: usize) -> Result<SocketComm, Failure> {
+    let opts = SocketOptions {
+        timeout: COLLECTIVE_TIMEOUT,
+        connect_timeout: RENDEZVOUS_TIMEOUT,
+    };
+    let comm = match rendezvous {
+        Rendezvous::Host(listener) => SocketComm::host(listener, world, opts),
+        Rendezvous::Join(addr) => SocketComm::join(addr, rank, world, opts),
+    }
+    .map_err(classify)?;
+    comm.barrier().map_err(classify)?;
+    Ok(comm)
+}
+
+/// A peer that vanished or never came is a lost peer; anything else is internal.
+fn classify(err: runtime::Error) -> Failure {
+    let kind = match &err {
+        runtime::Error::Comm {
+            kind: CommErrorKind::PeerLost { .. } | CommErrorKind::Timeout { .. },
+            ..
+        } => ErrorKind::PeerLost,
+        _ => ErrorKind::Internal,
+    };
+    (kind, err.to_string())
 }
 
 #[cfg(test)]
@@ -161,6 +253,46 @@ mod tests {
         let probe = rx.blocking_recv().unwrap();
         assert!(probe.detail.starts_with("cpu:0"), "{}", probe.detail);
         assert!(compute.stop(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn three_compute_threads_form_a_communicator() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let computes: Vec<_> = (0..3)
+            .map(|r| Compute::start(r, Device::Cpu).unwrap())
+            .collect();
+        let mut replies = Vec::new();
+        let mut listener = Some(listener);
+        for (rank, compute) in computes.iter().enumerate() {
+            let rendezvous = match listener.take() {
+                Some(l) => Rendezvous::Host(l),
+                None => Rendezvous::Join(addr),
+            };
+            let (reply, rx) = oneshot::channel();
+            compute
+                .sender()
+                .send(Command::Connect {
+                    rendezvous,
+                    rank,
+                    world: 3,
+                    reply,
+                })
+                .unwrap();
+            replies.push(rx);
+        }
+        for (rank, rx) in replies.into_iter().enumerate() {
+            assert_eq!(
+                rx.blocking_recv().unwrap().unwrap(),
+                format!("socket communicator, rank {rank} of 3")
+            );
+        }
+        let (tx, rx) = oneshot::channel();
+        computes[1].sender().send(Command::Probe(tx)).unwrap();
+        assert!(rx.blocking_recv().unwrap().detail.ends_with("rank 1 of 3"));
+        for c in computes {
+            assert!(c.stop(Duration::from_secs(5)));
+        }
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -4,6 +4,8 @@
 //! Handlers run on the tokio threads and only read or update [`Shared`]; anything that needs
 //! the device goes to the compute thread through [`crate::compute`].
 
+use std::net::{TcpListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ use proto::{Error, ErrorKind};
 use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status};
 
-use crate::compute::Command;
+use crate::compute::{Command, Device, Rendezvous};
 
 /// How long an expensive health probe waits for the compute thread.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,9 +55,15 @@ pub struct Shared {
     pub world_size: u32,
     /// The role this process was started with.
     pub role: pb::RoleKind,
+    device: Device,
     started: Instant,
     state: Mutex<pb::WorkerState>,
+    /// Set by the first Init, so a second one is refused even while the first is connecting.
+    init_claimed: AtomicBool,
     plan: Mutex<Option<pb::InitRequest>>,
+    /// Rank 0 of a multi-rank job: the listener of the communicator rendezvous, bound at
+    /// start-up so its address goes out in the registration; taken by Init.
+    rendezvous: Mutex<Option<TcpListener>>,
     compute: mpsc::Sender<Command>,
     stop: watch::Sender<Option<Stop>>,
 }
@@ -63,9 +71,8 @@ pub struct Shared {
 impl Shared {
     /// New shared state in `STARTING`.
     pub fn new(
-        rank: u32,
-        world_size: u32,
-        role: pb::RoleKind,
+        (rank, world_size, role, device): (u32, u32, pb::RoleKind, Device),
+        rendezvous: Option<TcpListener>,
         compute: mpsc::Sender<Command>,
         stop: watch::Sender<Option<Stop>>,
     ) -> Self {
@@ -73,9 +80,12 @@ impl Shared {
             rank,
             world_size,
             role,
+            device,
             started: Instant::now(),
             state: Mutex::new(pb::WorkerState::Starting),
+            init_claimed: AtomicBool::new(false),
             plan: Mutex::new(None),
+            rendezvous: Mutex::new(rendezvous),
             compute,
             stop,
         }
@@ -162,6 +172,65 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Forms the communicator on the compute thread: rank 0 hosts the rendezvous it announced
+    /// at registration, the others join the address Init carries. One rank needs none.
+    async fn connect(&self, init: &pb::InitRequest) -> Result<String, Status> {
+        if self.world_size == 1 {
+            return Ok("one rank, no communicator".into());
+        }
+        if self.device != Device::Cpu {
+            // NcclComm exists in runtime; creating its id on rank 0 and passing it through
+            // Register/Init is not wired into the worker yet.
+            return Err(self.err(
+                ErrorKind::Unsupported,
+                "multi-rank CUDA jobs need the NCCL bootstrap, not wired into lava-worker yet",
+            ));
+        }
+        let rendezvous = if self.rank == 0 {
+            let listener = self
+                .rendezvous
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            let listener = listener.ok_or_else(|| {
+                self.err(
+                    ErrorKind::Internal,
+                    "no rendezvous listener (CPU ranks only)",
+                )
+            })?;
+            Rendezvous::Host(listener)
+        } else {
+            let text = &init.comm_rendezvous_address;
+            let addr = text.to_socket_addrs().ok().and_then(|mut a| a.next());
+            Rendezvous::Join(addr.ok_or_else(|| {
+                self.err(
+                    ErrorKind::BadInput,
+                    format!("comm_rendezvous_address {text:?} does not resolve"),
+                )
+            })?)
+        };
+        let rank = usize::try_from(self.rank).unwrap_or(usize::MAX);
+        let world = usize::try_from(self.world_size).unwrap_or(usize::MAX);
+        let (reply, rx) = oneshot::channel();
+        self.compute
+            .send(Command::Connect {
+                rendezvous,
+                rank,
+                world,
+                reply,
+            })
+            .map_err(|_| self.err(ErrorKind::Internal, "compute thread has exited"))?;
+        match rx.await {
+            Ok(Ok(detail)) => Ok(detail),
+            Ok(Err((kind, message))) => {
+                Err(self.err(kind, format!("forming the communicator: {message}")))
+            }
+            Err(_) => Err(self.err(ErrorKind::Internal, "compute thread dropped the request")),
+        }
+    }
+}
+
 /// The parallel degrees of a DiT role must be positive and each rank index inside its degree.
 fn check_dit(dit: &pb::DitRole) -> Result<(), String> {
     let axes = [
@@ -216,9 +285,19 @@ impl pb::worker_server::Worker for WorkerService {
             ));
         }
         s.check_init(&init)?;
+        if s.init_claimed.swap(true, Ordering::SeqCst) {
+            return Err(s.err(ErrorKind::WrongState, "Init already received"));
+        }
+        let detail = match s.connect(&init).await {
+            Ok(detail) => detail,
+            Err(status) => {
+                s.set_state(pb::WorkerState::Failed);
+                return Err(status);
+            }
+        };
         *s.plan.lock().unwrap_or_else(PoisonError::into_inner) = Some(init);
         s.set_state(pb::WorkerState::Initialized);
-        log!("initialized");
+        log!("initialized: {detail}");
         Ok(Response::new(pb::InitReply {
             rank: s.rank,
             state: pb::WorkerState::Initialized.into(),
@@ -398,13 +477,8 @@ mod tests {
     fn shared(rank: u32, world_size: u32) -> std::sync::Arc<Shared> {
         let (compute, _) = mpsc::channel();
         let (stop, _) = watch::channel(None);
-        std::sync::Arc::new(Shared::new(
-            rank,
-            world_size,
-            pb::RoleKind::Dit,
-            compute,
-            stop,
-        ))
+        let setup = (rank, world_size, pb::RoleKind::Dit, Device::Cpu);
+        std::sync::Arc::new(Shared::new(setup, None, compute, stop))
     }
 
     fn init(rank: u32, world_size: u32, role: Role) -> pb::InitRequest {
@@ -465,9 +539,9 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let s = shared(1, 2);
+        let s = shared(0, 1);
         let service = WorkerService::new(s.clone());
-        let call = || rt.block_on(service.init(Request::new(init(1, 2, Role::Dit(dit())))));
+        let call = || rt.block_on(service.init(Request::new(init(0, 1, Role::Dit(dit())))));
         assert_eq!(call().unwrap_err().code(), tonic::Code::FailedPrecondition);
         s.set_state(pb::WorkerState::Registered);
         assert_eq!(

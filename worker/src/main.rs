@@ -111,15 +111,28 @@ fn run(args: Args) -> anyhow::Result<u8> {
         .enable_all()
         .build()
         .context("starting the control-plane runtime")?;
+    // Rank 0 of a multi-rank CPU job hosts the socket communicator's rendezvous; its address
+    // travels in the registration and reaches the other ranks in Init.
+    let rendezvous = if rank == 0 && args.world_size > 1 && device == Device::Cpu {
+        let bind = SocketAddr::new(args.listen.ip(), 0);
+        let listener = std::net::TcpListener::bind(bind)
+            .map_err(|e| bad_input(rank, format!("binding the rendezvous on {bind}: {e}")))?;
+        Some(listener)
+    } else {
+        None
+    };
+    let rendezvous_port = match &rendezvous {
+        Some(l) => Some(
+            l.local_addr()
+                .context("reading the rendezvous address")?
+                .port(),
+        ),
+        None => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
-    let shared = Arc::new(Shared::new(
-        rank,
-        args.world_size,
-        role,
-        compute.sender(),
-        stop_tx,
-    ));
-    let result = runtime.block_on(serve(&args, device, shared, stop_rx));
+    let setup = (rank, args.world_size, role, device);
+    let shared = Arc::new(Shared::new(setup, rendezvous, compute.sender(), stop_tx));
+    let result = runtime.block_on(serve(&args, device, rendezvous_port, shared, stop_rx));
     // Give the compute thread a moment to leave its loop; it holds no state worth waiting for.
     compute.stop(Duration::from_secs(5));
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -131,6 +144,7 @@ fn run(args: Args) -> anyhow::Result<u8> {
 async fn serve(
     args: &Args,
     device: Device,
+    rendezvous_port: Option<u16>,
     shared: Arc<Shared>,
     mut stop_rx: tokio::sync::watch::Receiver<Option<Stop>>,
 ) -> anyhow::Result<Stop> {
@@ -152,6 +166,9 @@ async fn serve(
         .clone()
         .unwrap_or_else(|| bound.ip().to_string());
     let address = format!("{host}:{}", bound.port());
+    let rendezvous = rendezvous_port
+        .map(|port| format!("{host}:{port}"))
+        .unwrap_or_default();
 
     let mut server_stop = stop_rx.clone();
     let server = Server::builder()
@@ -167,7 +184,7 @@ async fn serve(
         });
     let server = tokio::spawn(server);
 
-    let registration = register(args, device, &address);
+    let registration = register(args, device, &address, rendezvous);
     let reply = tokio::select! {
         reply = registration => reply?,
         stop = wait_stop(&mut stop_rx) => return Ok(stop),
@@ -205,7 +222,12 @@ async fn wait_stop(rx: &mut tokio::sync::watch::Receiver<Option<Stop>>) -> Stop 
 }
 
 /// Registers with the launcher, retrying while it is not reachable yet.
-async fn register(args: &Args, device: Device, address: &str) -> anyhow::Result<pb::RegisterReply> {
+async fn register(
+    args: &Args,
+    device: Device,
+    address: &str,
+    comm_rendezvous_address: String,
+) -> anyhow::Result<pb::RegisterReply> {
     let request = pb::RegisterRequest {
         rank: args.rank,
         world_size: args.world_size,
@@ -223,10 +245,10 @@ async fn register(args: &Args, device: Device, address: &str) -> anyhow::Result<
             total_memory_bytes: 0,
             free_memory_bytes: 0,
         }),
-        // The NCCL id and the socket rendezvous come with the communicators (runtime); this
-        // build has neither, so rank 0 sends none and the fields stay empty.
+        // NcclComm exists in runtime but its id is not created here yet (CUDA ranks refuse a
+        // multi-rank Init); CPU rank 0 sends its socket rendezvous.
         nccl_unique_id: Vec::new(),
-        comm_rendezvous_address: String::new(),
+        comm_rendezvous_address,
         version: env!("CARGO_PKG_VERSION").into(),
     };
     let endpoint = format!("http://{}", args.launcher);
