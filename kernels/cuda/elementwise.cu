@@ -1,4 +1,4 @@
-// Elementwise kernels: unary (scale = cast, GELU-tanh, SiLU, affine x*p0+p1, exp, neg, abs,
+// Elementwise kernels: unary (scale = cast, GELU-tanh, GELU-erf, clamp, SiLU, affine x*p0+p1, exp, neg, abs,
 // sqr, sqrt, recip, tanh), binary (add, sub, mul, div, max, min), ternary (modulate
 // x*(1+s)+t, gated residual x+y*g), exact raw copies (permute, slices, concatenation,
 // nearest upsampling, index_select) and fill. Every operand has a run-time dtype (f32, bf16,
@@ -12,7 +12,7 @@
 // Codes shared with kernels/src/elementwise.rs.
 enum UnaryOp {
     U_SCALE = 0, U_GELU_TANH = 1, U_SILU = 2, U_AFFINE = 3, U_EXP = 4, U_NEG = 5,
-    U_ABS = 6, U_SQR = 7, U_SQRT = 8, U_RECIP = 9, U_TANH = 10
+    U_ABS = 6, U_SQR = 7, U_SQRT = 8, U_RECIP = 9, U_TANH = 10, U_GELU_ERF = 11, U_CLAMP = 12
 };
 enum BinaryOp { B_ADD = 0, B_SUB = 1, B_MUL = 2, B_DIV = 3, B_MAX = 4, B_MIN = 5 };
 enum TernaryOp { T_MODULATE = 0, T_GATED_RESIDUAL = 1 };
@@ -29,6 +29,8 @@ __device__ __forceinline__ float unary_apply(int op, float x, float p0, float p1
         case U_SQRT: return __fsqrt_rn(x);
         case U_RECIP: return __frcp_rn(x);
         case U_TANH: return tanhf(x);
+        case U_GELU_ERF: return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
+        case U_CLAMP: return fminf(fmaxf(x, p0), p1);
         default: return p0 == 1.f ? x : __fmul_rn(x, p0);  // scale (cast)
     }
 }

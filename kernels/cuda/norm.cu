@@ -125,15 +125,16 @@ extern "C" __global__ void lava_reduce_rows(RowArgs a, int op, const void* x, fl
     if (threadIdx.x == 0) out[row] = r;
 }
 
-// out[r, c] = act(x[r, c] + bias[c or r]) on contiguous [rows, cols]; act 0 none, 1 GELU-tanh,
-// 2 SiLU. x and out may be the same buffer (each element is read, then written, by one thread).
-extern "C" __global__ void lava_bias_act(int64_t rows, int64_t cols, int x_dtype, int out_dtype, int bias_dtype,
-                                         int has_bias, int bias_per_row, int act, const void* x,
+// out[r, c] = act(x[r, c] + bias[c or r % bias_n]) on contiguous [rows, cols]; act 0 none,
+// 1 GELU-tanh, 2 SiLU. x and out may be the same buffer (each element is read, then
+// written, by one thread). Per-row bias repeats every bias_n rows (conv output [B, C, L]).
+extern "C" __global__ void lava_bias_act(int64_t rows, int64_t cols, int64_t bias_n, int x_dtype, int out_dtype,
+                                         int bias_dtype, int has_bias, int bias_per_row, int act, const void* x,
                                          const void* bias, void* out) {
     int64_t n = rows * cols;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float v = load_any(x, x_dtype, i);
-        if (has_bias) v = __fadd_rn(v, load_any(bias, bias_dtype, bias_per_row ? i / cols : i % cols));
+        if (has_bias) v = __fadd_rn(v, load_any(bias, bias_dtype, bias_per_row ? (i / cols) % bias_n : i % cols));
         if (act == 1) v = gelu_tanh_f(v);
         else if (act == 2) v = silu_f(v);
         store_any(out, out_dtype, i, v);

@@ -27,6 +27,13 @@ pub enum UnaryOp {
     Sqrt,
     Recip,
     Tanh,
+    /// 0.5·x·(1 + erf(x/√2)).
+    GeluErf,
+    /// min(max(x, min), max).
+    Clamp {
+        min: f32,
+        max: f32,
+    },
 }
 
 impl UnaryOp {
@@ -43,6 +50,8 @@ impl UnaryOp {
             UnaryOp::Sqrt => (8, 0.0, 0.0),
             UnaryOp::Recip => (9, 0.0, 0.0),
             UnaryOp::Tanh => (10, 0.0, 0.0),
+            UnaryOp::GeluErf => (11, 0.0, 0.0),
+            UnaryOp::Clamp { min, max } => (12, min, max),
         }
     }
 }

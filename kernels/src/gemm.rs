@@ -305,7 +305,12 @@ impl Lt {
         };
         // SAFETY: created above, destroyed once.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
-        status?;
+        // A refused shape (e.g. fp8 with k not a multiple of 16) is Unsupported, so callers
+        // can take another path.
+        status.map_err(|e| Error::Unsupported {
+            op: "gemm",
+            msg: format!("cuBLASLt heuristic for {d:?}: {e}"),
+        })?;
         // SAFETY: cuBLASLt initialised `found` entries.
         unsafe { results.set_len(found.clamp(0, CANDIDATES as i32) as usize) };
         plan.candidates = results
@@ -330,6 +335,20 @@ impl Lt {
         b: In<'_>,
         bias: Option<In<'_>>,
         out: Out<'_>,
+    ) -> Result<()> {
+        self.matmul_at(d, alpha, (a, 0), (b, 0), bias, (out, 0))
+    }
+
+    /// [`Lt::matmul`] with element offsets into A, B and out (e.g. one batch entry of a
+    /// conv, one batch of attention heads).
+    pub fn matmul_at(
+        &self,
+        d: &GemmDesc,
+        alpha: f32,
+        (a, a_off): (In<'_>, usize),
+        (b, b_off): (In<'_>, usize),
+        bias: Option<In<'_>>,
+        (out, out_off): (Out<'_>, usize),
     ) -> Result<()> {
         if a.dtype != d.ab
             || b.dtype != d.ab
@@ -404,6 +423,9 @@ impl Lt {
         // cuBLASLt writes the workspace; no other user exists, so the read-side address is fine.
         let (wp, _gw) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, s);
         let (op_, _go) = wptr(out.buf, s);
+        let ap = ap + (a_off * d.ab.size()) as u64;
+        let bp = bp + (b_off * d.ab.size()) as u64;
+        let op_ = op_ + (out_off * d.out.size()) as u64;
         if let Some(x) = bias {
             let (p, _g) = rptr(x.buf, s);
             let p = p as *const c_void;

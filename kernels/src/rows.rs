@@ -61,8 +61,10 @@ pub struct RopeArgs {
     pub o_hs: i64,
     pub t_bs: i64,
     pub t_ls: i64,
-    x_dtype: i32,
-    out_dtype: i32,
+    /// Filled in by [`Kernels::rope`] from the operands.
+    pub x_dtype: i32,
+    /// Filled in by [`Kernels::rope`] from the operands.
+    pub out_dtype: i32,
 }
 // SAFETY: plain-old-data matching `RopeArgs` in rope.cu.
 unsafe impl DeviceRepr for RopeArgs {}
@@ -334,8 +336,9 @@ impl Kernels {
         Ok(())
     }
 
-    /// `out = act(x + bias)` on contiguous `[rows, cols]`, bias per column (or per row with
-    /// `bias_per_row`). `x = None` works in place on `out` (x's dtype = out's dtype).
+    /// `out = act(x + bias)` on contiguous `[rows, cols]`, bias per column (or, with
+    /// `bias_per_row`, per row, repeating every `bias.len()` rows). `x = None` works in place
+    /// on `out` (x's dtype = out's dtype).
     #[allow(clippy::too_many_arguments)]
     pub fn bias_act(
         &self,
@@ -350,11 +353,26 @@ impl Kernels {
     ) -> Result<()> {
         let n = rows * cols;
         check_len("bias_act", "out", n, out.dtype, out.buf.len())?;
-        let (bp, bd, hb) = opt_ptr(bias, s, "bias_act", if bias_per_row { rows } else { cols })?;
+        let bias_n = match (bias, bias_per_row) {
+            (Some(b), true) => b.elems(),
+            _ => cols,
+        };
+        if bias_per_row && (bias_n == 0 || rows % bias_n != 0) {
+            return Err(Error::Unsupported {
+                op: "bias_act",
+                msg: format!("{rows} rows with a per-row bias of {bias_n}"),
+            });
+        }
+        let (bp, bd, hb) = opt_ptr(
+            bias,
+            s,
+            "bias_act",
+            if bias_per_row { bias_n } else { cols },
+        )?;
         if n == 0 {
             return Ok(());
         }
-        let (r, c) = (rows as i64, cols as i64);
+        let (r, c, bn) = (rows as i64, cols as i64, bias_n as i64);
         let (od, per_row, act) = (out.dtype.code(), bias_per_row as i32, act as i32);
         let (op_, _go) = wptr(out.buf, s);
         let (xp, xd, _gx) = match x {
@@ -369,6 +387,7 @@ impl Kernels {
         let mut l = s.launch_builder(f);
         l.arg(&r)
             .arg(&c)
+            .arg(&bn)
             .arg(&xd)
             .arg(&od)
             .arg(&bd)

@@ -111,8 +111,48 @@ pub(crate) fn dev(ordinal: usize) -> Result<Arc<CudaDev>> {
 fn ordinal_of(device: &Device) -> Result<usize> {
     match device {
         Device::Cuda(o) => Ok(*o),
-        Device::Cpu => Err(Error::invalid("cuda", "a CPU device was passed to the CUDA backend")),
+        Device::Cpu => Err(Error::invalid(
+            "cuda",
+            "a CPU device was passed to the CUDA backend",
+        )),
     }
+}
+
+pub use kernels::probe::{Found, Gpu, Report, probe};
+
+/// Create the device's context, stream, kernels and cuBLASLt handle and run one tiny
+/// kernel and one GEMM; describe where the kernels came from. For `doctor`.
+pub fn check_kernels(ordinal: usize) -> Result<String> {
+    let d = dev(ordinal)?;
+    let from: Vec<String> = d
+        .kernels
+        .loaded_from
+        .iter()
+        .map(|(m, f)| format!("{m}:{f}"))
+        .collect();
+    let dev = Device::Cuda(ordinal);
+    let a = CudaStorage::from_cpu(&dev, &CpuStorage::F32(vec![1.0, 2.0, 3.0, 4.0]))?;
+    let spec = GemmSpec {
+        batch: 1,
+        m: 2,
+        n: 2,
+        k: 2,
+        a_batch_stride: 0,
+        b_batch_stride: 0,
+        trans_b: true,
+        alpha: 1.0,
+        epilogue: super::Epilogue::None,
+        out: DType::F32,
+    };
+    let got = a.gemm(&a, None, &spec)?.to_cpu()?;
+    // [[1,2],[3,4]] · [[1,2],[3,4]]ᵀ
+    if got != CpuStorage::F32(vec![5.0, 11.0, 11.0, 25.0]) {
+        return Err(Error::Cuda(format!("cuBLASLt smoke GEMM gave {got:?}")));
+    }
+    Ok(format!(
+        "kernels loaded ({}), cuBLASLt GEMM ok",
+        from.join(" ")
+    ))
 }
 
 pub fn check_device(ordinal: usize) -> Result<()> {
@@ -202,8 +242,12 @@ impl CudaStorage {
 fn view<T>(buf: &CudaSlice<u8>, n: usize) -> Result<cudarc::driver::CudaView<'_, T>> {
     // SAFETY: T is one of f32/bf16/f16/u8 (plain data), and the length is checked by
     // `transmute`, which returns None when `n` elements do not fit.
-    unsafe { buf.transmute::<T>(n) }
-        .ok_or_else(|| Error::Cuda(format!("buffer of {} bytes holds fewer than {n} elements", buf.len())))
+    unsafe { buf.transmute::<T>(n) }.ok_or_else(|| {
+        Error::Cuda(format!(
+            "buffer of {} bytes holds fewer than {n} elements",
+            buf.len()
+        ))
+    })
 }
 
 fn cpu_bytes(src: &CpuStorage) -> &[u8] {
@@ -228,6 +272,8 @@ fn unary_op(op: UnaryOp) -> kernels::UnaryOp {
         UnaryOp::Recip => K::Recip,
         UnaryOp::Tanh => K::Tanh,
         UnaryOp::Affine { mul, add } => K::Affine { mul, add },
+        UnaryOp::Gelu => K::GeluErf,
+        UnaryOp::Clamp { min, max } => K::Clamp { min, max },
     }
 }
 
@@ -278,7 +324,9 @@ impl BackendStorage for CudaStorage {
         // this backend; bf16/f16/f32 have no invalid bit patterns.
         Ok(match self.dtype {
             DType::F32 => CpuStorage::F32(s.clone_dtoh(&view::<f32>(&self.buf, n)?).map_err(ce)?),
-            DType::BF16 => CpuStorage::BF16(s.clone_dtoh(&view::<bf16>(&self.buf, n)?).map_err(ce)?),
+            DType::BF16 => {
+                CpuStorage::BF16(s.clone_dtoh(&view::<bf16>(&self.buf, n)?).map_err(ce)?)
+            }
             DType::F16 => CpuStorage::F16(s.clone_dtoh(&view::<f16>(&self.buf, n)?).map_err(ce)?),
             DType::F8E4M3 => {
                 let b = s.clone_dtoh(&view::<u8>(&self.buf, n)?).map_err(ce)?;
@@ -303,7 +351,15 @@ impl BackendStorage for CudaStorage {
         let (k, s) = (&self.dev.kernels, &self.dev.stream);
         let dtype = kd(self.dtype);
         // The buffer may hold one padding byte (empty tensors); filling it is harmless.
-        k.fill(s, Out { buf: &mut self.buf, dtype }, value).map_err(ke)
+        k.fill(
+            s,
+            Out {
+                buf: &mut self.buf,
+                dtype,
+            },
+            value,
+        )
+        .map_err(ke)
     }
 
     fn copy2d(
@@ -377,7 +433,14 @@ impl BackendStorage for CudaStorage {
         Ok(out)
     }
 
-    fn upsample_nearest2d(&self, outer: usize, h: usize, w: usize, fh: usize, fw: usize) -> Result<Self> {
+    fn upsample_nearest2d(
+        &self,
+        outer: usize,
+        h: usize,
+        w: usize,
+        fh: usize,
+        fw: usize,
+    ) -> Result<Self> {
         self.gather(&[outer, h * fh, w * fw], &[h * w, w, 1], Some(&[1, fh, fw]))
     }
 
@@ -425,7 +488,13 @@ impl BackendStorage for CudaStorage {
         Ok(out)
     }
 
-    fn binary(&self, rhs: &Self, op: BinaryOp, layout: &BroadcastLayout, out_dtype: DType) -> Result<Self> {
+    fn binary(
+        &self,
+        rhs: &Self,
+        op: BinaryOp,
+        layout: &BroadcastLayout,
+        out_dtype: DType,
+    ) -> Result<Self> {
         let n = layout.dims.iter().product();
         let mut out = self.new_like(n, out_dtype)?;
         let os = kernels::contiguous_strides(&layout.dims);
@@ -555,7 +624,14 @@ impl BackendStorage for CudaStorage {
         Ok(out)
     }
 
-    fn rms_norm(&self, weight: Option<&Self>, rows: usize, cols: usize, eps: f32, out_dtype: DType) -> Result<Self> {
+    fn rms_norm(
+        &self,
+        weight: Option<&Self>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        out_dtype: DType,
+    ) -> Result<Self> {
         let mut out = self.new_like(rows * cols, out_dtype)?;
         self.k()
             .rms_norm(
@@ -626,7 +702,14 @@ impl BackendStorage for CudaStorage {
             ..Default::default()
         };
         self.k()
-            .rope(self.s(), self.input(), cos.input(), sin.input(), out.output(), a)
+            .rope(
+                self.s(),
+                self.input(),
+                cos.input(),
+                sin.input(),
+                out.output(),
+                a,
+            )
             .map_err(ke)?;
         Ok(out)
     }

@@ -6,8 +6,10 @@
 use kernels::gemm::{GemmDesc, LtEpilogue};
 use kernels::{Act, Conv3dGeom, In, Out};
 
-use super::{CudaStorage, ke, kd};
-use crate::device::{AttnSpec, BackendStorage, Conv1dSpec, Conv3dSpec, Epilogue, GemmSpec, PadMode};
+use super::{CudaStorage, kd, ke};
+use crate::device::{
+    AttnSpec, BackendStorage, Conv1dSpec, Conv3dSpec, Epilogue, GemmSpec, PadMode,
+};
 use crate::{DType, Error, Result};
 
 fn out_of(s: &mut CudaStorage) -> Out<'_> {
@@ -55,7 +57,14 @@ pub(super) fn gemm(
             Epilogue::GeluTanh => LtEpilogue::GeluTanh,
             _ => LtEpilogue::None,
         };
-        match dev.lt.matmul(&d, spec.alpha, a.input(), b.input(), bias.map(|x| x.input()), out_of(&mut out)) {
+        match dev.lt.matmul(
+            &d,
+            spec.alpha,
+            a.input(),
+            b.input(),
+            bias.map(|x| x.input()),
+            out_of(&mut out),
+        ) {
             Ok(()) => return Ok(out),
             // fp8 shapes cuBLASLt refuses (k or leading dims not multiples of 16, B not
             // transposed) run in bf16, which holds every e4m3 value exactly.
@@ -67,7 +76,10 @@ pub(super) fn gemm(
     }
     let mut acc = a.new_like(spec.batch * m * n, DType::F32)?;
     d.out = kernels::DType::F32;
-    match dev.lt.matmul(&d, spec.alpha, a.input(), b.input(), None, out_of(&mut acc)) {
+    match dev
+        .lt
+        .matmul(&d, spec.alpha, a.input(), b.input(), None, out_of(&mut acc))
+    {
         Ok(()) => {}
         Err(kernels::Error::Unsupported { .. }) if a.dtype == DType::F8E4M3 => {
             return gemm(&widen_fp8(a)?, &widen_fp8(b)?, bias, spec);
@@ -149,7 +161,14 @@ pub(super) fn conv1d(
     let dev = &x.dev;
     let mut col = x.new_like(spec.c_in * kk * l_out, x.dtype)?;
     let mut acc = x.new_like(spec.batch * spec.c_out * l_out, DType::F32)?;
-    let mut d = GemmDesc::new(kd(x.dtype), kernels::DType::F32, cog, l_out, cig * kk, false);
+    let mut d = GemmDesc::new(
+        kd(x.dtype),
+        kernels::DType::F32,
+        cog,
+        l_out,
+        cig * kk,
+        false,
+    );
     d.batch = g;
     d.stride_a = cog * cig * kk;
     d.stride_b = cig * kk * l_out;
@@ -200,7 +219,14 @@ pub(super) fn conv3d(
     let dev = &x.dev;
     let mut col = x.new_like(spec.c_in * kvol * p, x.dtype)?;
     let mut acc = x.new_like(spec.batch * spec.c_out * p, DType::F32)?;
-    let d = GemmDesc::new(kd(x.dtype), kernels::DType::F32, spec.c_out, p, spec.c_in * kvol, false);
+    let d = GemmDesc::new(
+        kd(x.dtype),
+        kernels::DType::F32,
+        spec.c_out,
+        p,
+        spec.c_in * kvol,
+        false,
+    );
     let i64s = |a: [usize; 3]| a.map(|v| v as i64);
     let geom = Conv3dGeom {
         c_in: spec.c_in as i64,
@@ -239,14 +265,26 @@ pub(super) fn attention(
     let (b, lq, lk, h, hd) = (spec.batch, spec.lq, spec.lk, spec.heads, spec.head_dim);
     let fast = bias.is_none()
         && hd == 128
-        && [q.dtype, k.dtype, v.dtype, spec.out].iter().all(|&d| d == DType::BF16)
+        && [q.dtype, k.dtype, v.dtype, spec.out]
+            .iter()
+            .all(|&d| d == DType::BF16)
         && lq <= i32::MAX as usize
         && lk <= i32::MAX as usize;
     if fast {
         let mut out = q.new_like(b * lq * h * hd, DType::BF16)?;
         let args = kernels::AttnArgs::contiguous(lq, lk, h);
         dev.kernels
-            .attention(&dev.stream, q.input(), k.input(), v.input(), out_of(&mut out), args, b, h, spec.scale)
+            .attention(
+                &dev.stream,
+                q.input(),
+                k.input(),
+                v.input(),
+                out_of(&mut out),
+                args,
+                b,
+                h,
+                spec.scale,
+            )
             .map_err(ke)?;
         return Ok(out);
     }
@@ -266,7 +304,11 @@ pub(super) fn attention(
     o_desc.batch = h;
     (o_desc.lda, o_desc.ldb, o_desc.ldc) = (lk, ld, ld);
     (o_desc.stride_a, o_desc.stride_b, o_desc.stride_c) = (lq * lk, hd, hd);
-    let v32 = if v.dtype == DType::F32 { None } else { Some(v.cast(DType::F32, 1.0)?) };
+    let v32 = if v.dtype == DType::F32 {
+        None
+    } else {
+        Some(v.cast(DType::F32, 1.0)?)
+    };
     let v32 = v32.as_ref().unwrap_or(v);
     let mut o32 = q.new_like(b * lq * h * hd, DType::F32)?;
     let mut scores = q.new_like(h * lq * lk, DType::F32)?;
@@ -282,10 +324,14 @@ pub(super) fn attention(
                 (out_of(&mut scores), 0),
             )
             .map_err(ke)?;
-        let src = match bias {
+        let summed = match bias {
             Some(bias) => {
-                // bias [b or 1, h, lq, lk]: scores += bias[bi] (exact f32 add, then softmax).
-                let off = if spec.bias_shared_over_batch { 0 } else { bi * h * lq * lk };
+                // bias [b or 1, h, lq, lk]: scores + bias[bi] (exact f32 add, then softmax).
+                let off = if spec.bias_shared_over_batch {
+                    0
+                } else {
+                    bi * h * lq * lk
+                };
                 let n = h * lq * lk;
                 let mut summed = q.new_like(n, DType::F32)?;
                 dev.kernels
@@ -313,10 +359,11 @@ pub(super) fn attention(
                         &[n],
                     )
                     .map_err(ke)?;
-                summed
+                Some(summed)
             }
-            None => scores.try_clone()?,
+            None => None,
         };
+        let src = summed.as_ref().unwrap_or(&scores);
         dev.kernels
             .softmax(&dev.stream, src.input(), out_of(&mut probs), h * lq, lk)
             .map_err(ke)?;
