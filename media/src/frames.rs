@@ -45,6 +45,35 @@ pub fn track_index(k: usize) -> usize {
     (6 * k + 2) / 5
 }
 
+/// The §10.3 counts for an input of `samples` at 16 kHz, known before wav2vec2 runs (so the
+/// launcher can clamp `--num_clip` to `clips`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AudioTiming {
+    pub samples: usize,
+    /// wav2vec2 frames at 50 Hz.
+    pub t50: usize,
+    /// Frames of the interpolated 30 Hz track.
+    pub t30: usize,
+    /// nr: clips of 48 video frames the audio is bucketed into.
+    pub clips: usize,
+    /// Video frames k with round(6k/5) < T30, i.e. driven by real audio.
+    pub audio_frames: usize,
+}
+
+pub fn timing(samples_16k: usize) -> Result<AudioTiming> {
+    let t50 = wav2vec2_frames(samples_16k)?;
+    let t30 = frames_30hz(t50);
+    // (6k + 2) div 5 < T30 ⇔ 6k + 2 < 5·T30 ⇔ k < (5·T30 − 2)/6.
+    let audio_frames = if t30 == 0 { 0 } else { (5 * t30 + 3) / 6 };
+    Ok(AudioTiming {
+        samples: samples_16k,
+        t50,
+        t30,
+        clips: num_clips(t30),
+        audio_frames,
+    })
+}
+
 /// Per-frame features: `data` is `[layers][frames][width]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Features {

@@ -5,7 +5,7 @@
 
 use media::frames::{
     BLOCK_FRAMES, CLIP_FRAMES, Features, clip_features, frames_30hz, interpolate_align_corners,
-    num_clips, track_index, wav2vec2_frames, wav2vec2_input_values,
+    num_clips, timing, track_index, wav2vec2_frames, wav2vec2_input_values,
 };
 
 #[test]
@@ -159,4 +159,28 @@ fn input_values_are_zero_mean_unit_variance() {
     assert!((var - 1.0).abs() < 1e-4, "{var}");
     // Silence stays finite (the 1e-7 in the denominator).
     assert!(wav2vec2_input_values(&[0.0; 100]).iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn timing_agrees_with_the_mapping() {
+    for samples in [400usize, 720, 16000, 32000, 32_400, 66_000, 16000 * 7 + 123] {
+        let t = timing(samples).unwrap();
+        let x = Features::new(1, t.t50, 1, vec![1.0; t.t50]).unwrap();
+        if t.t30 == 0 {
+            assert_eq!(t.audio_frames, 0);
+            continue;
+        }
+        let c = clip_features(&x).unwrap();
+        assert_eq!(
+            (t.clips, t.audio_frames),
+            (c.clips, c.audio_frames),
+            "{samples}"
+        );
+        let nonzero = c.data.iter().filter(|&&v| v != 0.0).count();
+        assert_eq!(nonzero, t.audio_frames, "{samples}");
+    }
+    // 2 s of audio: 99 wav2vec2 frames, 59 at 30 Hz, 1 clip, 49 driven frames.
+    let t = timing(32000).unwrap();
+    assert_eq!((t.t50, t.t30, t.clips, t.audio_frames), (99, 59, 2, 49));
+    assert!(timing(399).is_err());
 }
