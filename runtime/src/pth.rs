@@ -223,18 +223,18 @@ fn zip_entries(b: &[u8]) -> std::result::Result<HashMap<String, (usize, usize)>,
         .ok_or("no zip end-of-central-directory record (not a torch.save zip archive?)")?;
     let mut count = le_u16(b, eocd + 10).ok_or_else(short)?;
     let mut cd_off = le_u32(b, eocd + 16).ok_or_else(short)?;
-    if count == 0xffff || cd_off == 0xffff_ffff {
-        // Zip64: locator right before the EOCD points at the zip64 EOCD record.
-        let loc = eocd.checked_sub(20).ok_or_else(short)?;
-        if b[loc..loc + 4] != [0x50, 0x4b, 0x06, 0x07] {
-            return Err("zip64 locator missing".into());
-        }
+    // Zip64: a locator right before the EOCD points at the zip64 EOCD record, whose counts
+    // and offsets take precedence.
+    let loc = eocd.checked_sub(20);
+    if let Some(loc) = loc.filter(|&l| b[l..l + 4] == [0x50, 0x4b, 0x06, 0x07]) {
         let rec = le_u64(b, loc + 8).ok_or_else(short)? as usize;
         if b.get(rec..rec + 4) != Some(&[0x50, 0x4b, 0x06, 0x06]) {
             return Err("zip64 end-of-central-directory record missing".into());
         }
         count = le_u64(b, rec + 32).ok_or_else(short)?;
         cd_off = le_u64(b, rec + 48).ok_or_else(short)?;
+    } else if count == 0xffff || cd_off == 0xffff_ffff {
+        return Err("zip64 locator missing".into());
     }
     let mut out = HashMap::new();
     let mut p = cd_off as usize;

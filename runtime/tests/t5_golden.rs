@@ -3,6 +3,8 @@
 //! vocabulary (the real 256 384 would make a 16 MB fixture), a bf16 `.pth` checkpoint, one
 //! prompt of 37 real tokens padded to 48 in the reference.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 use planner::spec::ModelSpec;
@@ -71,5 +73,19 @@ fn t5_rejects_bad_ids() -> Result<()> {
     let t5 = load()?;
     assert!(t5.forward(&[]).is_err());
     assert!(t5.forward(&[3, 1024]).is_err());
+    Ok(())
+}
+
+/// The checkpoint holds exactly the planner's parameter count for this config.
+#[test]
+fn t5_parameters_match_planner() -> Result<()> {
+    let mut spec = ModelSpec::builtin("tiny").expect("tiny spec").t5;
+    spec.vocab = 1024;
+    let ckpt = PthFile::open(fixtures().join("models_t5_umt5-xxl-enc-bf16.pth"))?;
+    let total: usize = ckpt
+        .names()
+        .map(|n| ckpt.info(n).unwrap().shape.iter().product::<usize>())
+        .sum();
+    assert_eq!(total as u64, planner::params::t5_params(&spec));
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! (tests/reference/vae_ref.py, fixtures from make_golden_encoders.py): the tiny config of
 //! configs/models/tiny.toml, random weights in a real `.pth` archive.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 use planner::spec::ModelSpec;
@@ -119,5 +121,35 @@ fn vae_rejects_bad_inputs() -> Result<()> {
     assert!(vae.encode(&v).is_err());
     let z = Tensor::zeros((1, 8, 1, 4, 6), DType::F32, &dev)?;
     assert!(vae.decode_stream(&mut DecodeStream::new(), &z).is_err());
+    Ok(())
+}
+
+/// The checkpoint's tensors are exactly the planner's parameter count (model-spec §1.5
+/// formula; 126 892 531 at full size), and `load` rejects unknown tensors, so the module
+/// structure and the planner's architecture walk agree.
+#[test]
+fn vae_parameters_match_planner() -> Result<()> {
+    let spec = ModelSpec::builtin("tiny").expect("tiny spec");
+    let ckpt = PthFile::open(fixtures().join("Wan2.1_VAE.pth"))?;
+    let total: usize = ckpt
+        .names()
+        .map(|n| ckpt.info(n).unwrap().shape.iter().product::<usize>())
+        .sum();
+    assert_eq!(total as u64, planner::params::vae_params(&spec.vae).total());
+    Ok(())
+}
+
+/// After two latents every cached conv holds 2 frames; in the bf16 flow their bytes equal the
+/// planner's cache model (f32 after norm/SiLU, bf16 for conv1 and the temporal upsamples).
+#[test]
+fn vae_cache_bytes_match_planner() -> Result<()> {
+    let spec = ModelSpec::builtin("tiny").expect("tiny spec");
+    let vae = load(DType::BF16)?;
+    let z = Tensor::zeros((1, 16, 3, 4, 6), DType::F32, &Device::Cpu)?;
+    let mut stream = DecodeStream::new();
+    vae.decode_stream(&mut stream, &z)?;
+    let (elems, bytes) = planner::memory::vae_decoder_cache(&spec, 32, 48);
+    assert!(elems > 0);
+    assert_eq!(stream.cache_usage(), (32, bytes as usize));
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! the fixtures were made): tiny config of configs/models/tiny.toml in an HF folder
 //! (config.json + model.safetensors with the CTC model's names), all 25 hidden states.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 use runtime::models::wav2vec2::Wav2Vec2;
@@ -46,5 +48,22 @@ fn wav2vec2_rejects_too_short_audio() -> Result<()> {
     assert!(model.hidden_states(&[0.0; 399]).is_err());
     assert_eq!(model.config().num_frames(400), 1);
     assert_eq!(model.config().num_frames(16_000), 49);
+    Ok(())
+}
+
+/// The checkpoint without its CTC head holds exactly the planner's parameter count.
+#[test]
+fn wav2vec2_parameters_match_planner() -> Result<()> {
+    let spec = planner::spec::ModelSpec::builtin("tiny").expect("tiny spec");
+    let st = runtime::weights::SafetensorsFile::open(fixtures().join("model.safetensors"))?;
+    let total: usize = st
+        .names()
+        .filter(|n| !n.starts_with("lm_head."))
+        .map(|n| st.info(n).unwrap().shape.iter().product::<usize>())
+        .sum();
+    assert_eq!(
+        total as u64,
+        planner::params::wav2vec2_params(&spec.wav2vec2)
+    );
     Ok(())
 }

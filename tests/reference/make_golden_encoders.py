@@ -164,9 +164,43 @@ def make_w2v() -> None:
     print("wav2vec2:", {k: tuple(t.shape) for k, t in golden.items()})
 
 
+def make_pth() -> None:
+    """Small archives for the .pth reader: dtypes, views, zip64, and what it must reject."""
+    import zipfile
+
+    out = FIX / "pth"
+    out.mkdir(parents=True, exist_ok=True)
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 8
+    # Views of one storage: a transpose (strided), a row slice (offset), a parameter.
+    sd = {"f32": base, "bf16": (base - 1).bfloat16(), "f16": (base + 0.5).half(),
+          "t": base.t(), "rows": base[1:3], "scalar": torch.tensor(2.5),
+          "param": torch.nn.Parameter(base[:, 0:1].clone())}
+    torch.save(sd, out / "views.pth")  # not save_pth: keep the views strided
+    # The same archive rewritten with zip64 records everywhere (as checkpoints over 4 GiB have):
+    # a zero ZIP64_LIMIT makes zipfile write zip64 extra fields and the zip64 end records.
+    limit = zipfile.ZIP64_LIMIT
+    zipfile.ZIP64_LIMIT = 0
+    try:
+        with zipfile.ZipFile(out / "views.pth") as src, \
+                zipfile.ZipFile(out / "zip64.pth", "w", zipfile.ZIP_STORED) as dst:
+            for info in src.infolist():
+                with dst.open(info.filename, "w", force_zip64=True) as f:
+                    f.write(src.read(info.filename))
+    finally:
+        zipfile.ZIP64_LIMIT = limit
+    # Rejected: an int64 tensor, a non-tensor entry, a deflated archive.
+    torch.save({"ids": torch.arange(3)}, out / "int64.pth")
+    torch.save({"w": base, "step": 3}, out / "not_tensor.pth")
+    with zipfile.ZipFile(out / "views.pth") as src, \
+            zipfile.ZipFile(out / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    print("pth:", sorted(p.name for p in out.iterdir()))
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     torch.manual_seed(0)
-    which = sys.argv[1:] or ["vae", "t5", "w2v"]
+    which = sys.argv[1:] or ["vae", "t5", "w2v", "pth"]
     for w in which:
-        {"vae": make_vae, "t5": make_t5, "w2v": make_w2v}[w]()
+        {"vae": make_vae, "t5": make_t5, "w2v": make_w2v, "pth": make_pth}[w]()

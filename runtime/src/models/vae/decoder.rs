@@ -29,7 +29,7 @@ impl Decoder3d {
             let cout = dims[i + 1];
             for _ in 0..=cfg.num_res_blocks {
                 let vb = us.pp(upsamples.len());
-                upsamples.push(Stage::Res(ResidualBlock::load(&vb, cin, cout)?));
+                upsamples.push(Stage::Res(Box::new(ResidualBlock::load(&vb, cin, cout)?)));
                 cin = cout;
             }
             if i + 1 < stages {
@@ -39,9 +39,9 @@ impl Decoder3d {
                     ResampleMode::Upsample2d
                 };
                 let vb = us.pp(upsamples.len());
-                upsamples.push(Stage::Resample(super::layers::Resample::load(
+                upsamples.push(Stage::Resample(Box::new(super::layers::Resample::load(
                     &vb, cout, mode,
-                )?));
+                )?)));
             }
         }
         let last = dims[stages];

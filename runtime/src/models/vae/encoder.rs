@@ -25,7 +25,7 @@ impl Encoder3d {
             let (mut cin, cout) = (dims[i], dims[i + 1]);
             for _ in 0..cfg.num_res_blocks {
                 let vb = ds.pp(downsamples.len());
-                downsamples.push(Stage::Res(ResidualBlock::load(&vb, cin, cout)?));
+                downsamples.push(Stage::Res(Box::new(ResidualBlock::load(&vb, cin, cout)?)));
                 cin = cout;
             }
             if i + 1 < stages {
@@ -35,9 +35,9 @@ impl Encoder3d {
                     ResampleMode::Downsample2d
                 };
                 let vb = ds.pp(downsamples.len());
-                downsamples.push(Stage::Resample(super::layers::Resample::load(
+                downsamples.push(Stage::Resample(Box::new(super::layers::Resample::load(
                     &vb, cout, mode,
-                )?));
+                )?)));
             }
         }
         let top = dims[stages];

@@ -86,8 +86,8 @@ impl VaeConfig {
 /// An element of `downsamples` / `upsamples`.
 #[derive(Debug)]
 pub(crate) enum Stage {
-    Res(ResidualBlock),
-    Resample(Resample),
+    Res(Box<ResidualBlock>),
+    Resample(Box<Resample>),
 }
 
 impl Stage {

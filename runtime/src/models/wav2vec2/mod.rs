@@ -91,9 +91,9 @@ impl Wav2Vec2Config {
             ));
         }
         if cfg.num_heads == 0
-            || cfg.hidden % cfg.num_heads != 0
+            || !cfg.hidden.is_multiple_of(cfg.num_heads)
             || cfg.pos_conv_groups == 0
-            || cfg.hidden % cfg.pos_conv_groups != 0
+            || !cfg.hidden.is_multiple_of(cfg.pos_conv_groups)
         {
             return Err(bad(
                 "num_attention_heads",
