@@ -343,6 +343,12 @@ fn ulysses_4_matches_unsharded_with_padding() {
 }
 
 #[test]
+fn ulysses_4_with_a_rank_holding_only_padding() {
+    // 5 tokens over 4 ranks: 2 per rank, rank 3 holds padding only.
+    run_mesh(1, 4, [5, 3]);
+}
+
+#[test]
 fn tensor_parallel_2_by_ulysses_2_matches_unsharded() {
     run_mesh(2, 2, [13, 5]);
 }

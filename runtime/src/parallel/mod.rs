@@ -31,7 +31,7 @@ pub use crate::weights::ShardHint as Shard;
 pub use fsdp::{FlatLayout, Gathered, Piece, ShardedUnit};
 pub use pipeline::StageBoundary;
 pub use tp::{ColumnParallel, RowParallel, ShardedRmsNorm, TpAttention};
-pub use ulysses::{Attention, SeqShard};
+pub use ulysses::{Attention, SeqShard, UlyssesKv};
 
 use crate::comm::Comm;
 use crate::{Error, Result, Tensor};

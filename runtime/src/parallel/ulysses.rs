@@ -10,6 +10,7 @@
 //! so they are never attended to and sharded equals unsharded.
 
 use super::SharedComm;
+use crate::models::wan::block::SelfAttnKv;
 use crate::{Error, Result, Tensor};
 
 /// Where this rank's chunk sits in a sequence of `len` tokens padded to `padded` and split
@@ -195,4 +196,31 @@ impl Attention {
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let d = q.dims()[q.rank().saturating_sub(1)];
     q.attention(k, v, None, 1.0 / (d as f32).sqrt(), q.dtype())
+}
+
+/// The DiT's self-attention KV logic ([`SelfAttnKv`]: prefill or streaming cache) placed
+/// behind a Ulysses exchange: `inner` sees the whole sequence for this rank's H/sp heads, so
+/// it applies its RoPE tables and reads/writes a cache of H/sp heads (built with that many
+/// heads) exactly as on one rank. With [`Attention::local`] it is `inner` unchanged.
+pub struct UlyssesKv<'a> {
+    pub attn: &'a Attention,
+    pub seq: SeqShard,
+    pub inner: &'a mut dyn SelfAttnKv,
+}
+
+impl SelfAttnKv for UlyssesKv<'_> {
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let inner = &mut *self.inner;
+        self.attn
+            .forward_with(q, k, v, &self.seq, |q, k, v| inner.attend(layer, q, k, v))
+    }
+}
+
+impl std::fmt::Debug for UlyssesKv<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UlyssesKv")
+            .field("attn", &self.attn)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
 }
