@@ -388,3 +388,27 @@ fn missing_ffmpeg_and_bad_input_are_clear_errors() {
     let wr = Mp4Writer::create(&tmp("empty.mp4"), &Mp4Options::new(64, 64)).unwrap();
     assert!(wr.finish().is_err(), "no frames is an error");
 }
+
+#[test]
+fn an_unwritable_output_is_an_ffmpeg_error_with_its_message() {
+    let out = tmp("no-such-dir").join("x.mp4");
+    let mut wr = Mp4Writer::create(&out, &Mp4Options::new(64, 64)).unwrap();
+    // ffmpeg opens the output only after probing the input, so the failure shows on a write
+    // (broken pipe) or at finish, with ffmpeg's own words either way.
+    let mut result = Ok(());
+    for t in 0..50 {
+        result = wr.write_chw(&pattern(t, 64, 64));
+        if result.is_err() {
+            break;
+        }
+    }
+    let err = match result {
+        Err(e) => e,
+        Ok(()) => wr.finish().unwrap_err(),
+    };
+    assert!(matches!(err, MediaError::Ffmpeg(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("No such file or directory"),
+        "{err}"
+    );
+}
