@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 const PEER_LOST: i32 = 5;
 /// proto::exit::BAD_INPUT.
 const BAD_INPUT: i32 = 2;
+/// proto::exit::LOAD_FAILURE.
+const LOAD_FAILURE: i32 = 4;
 
 /// Cluster tests share 2 cores; one cluster at a time keeps the time bounds meaningful.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -203,6 +205,11 @@ fn kill(pid: i32, sig: i32) {
 
 /// Whether `pid` is a live (not zombie) lava-worker process.
 fn alive(pid: i32) -> bool {
+    alive_as(pid, "lava-worker")
+}
+
+/// Whether `pid` is a live (not zombie) process whose command line contains `needle`.
+fn alive_as(pid: i32, needle: &str) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -215,7 +222,7 @@ fn alive(pid: i32) -> bool {
     }
     // A reused pid would not be one of our workers.
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains("lava-worker"))
+        .map(|c| String::from_utf8_lossy(&c).contains(needle))
         .unwrap_or(false)
 }
 
@@ -338,6 +345,82 @@ fn killing_the_launcher_makes_every_worker_exit() {
         Vec::<i32>::new(),
         "workers outlived their launcher"
     );
+}
+
+/// An executable shell script standing in for `lava-worker`, unique to this test process.
+fn fake_worker(name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::temp_dir().join(format!("lava-fake-worker-{}-{name}", std::process::id()));
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn ranks_that_never_register_end_the_job_and_their_children_with_them() {
+    let _g = serial();
+    // Each fake worker leaves a background child in its process group, then never registers.
+    let pids_file = std::env::temp_dir().join(format!("lava-fake-pids-{}", std::process::id()));
+    let _ = std::fs::remove_file(&pids_file);
+    let script = fake_worker(
+        "silent",
+        "sleep 300 &\necho $! >> \"$LAVA_TEST_PIDS\"\necho $$ >> \"$LAVA_TEST_PIDS\"\nexec sleep 300",
+    );
+    let args = [
+        "--nproc",
+        "2",
+        "--ready-timeout",
+        "2",
+        "--grace",
+        "2",
+        "--worker-bin",
+    ];
+    let mut l = Launcher::start(
+        &[&args[..], &[script.to_str().unwrap()]].concat(),
+        &[("LAVA_TEST_PIDS", pids_file.display().to_string())],
+    );
+    let (status, _) = l.wait_exit(Duration::from_secs(20));
+    let stderr = l.stderr();
+    assert_eq!(status.code(), Some(PEER_LOST), "{stderr}");
+    assert!(
+        stderr.contains("ranks [0, 1] did not register within 2 s"),
+        "{stderr}"
+    );
+    let pids: Vec<i32> = std::fs::read_to_string(&pids_file)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 4, "two workers and their two children");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pids.iter().any(|p| alive_as(*p, "sleep")) {
+        assert!(Instant::now() < deadline, "orphans left: {pids:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(&pids_file);
+    let _ = std::fs::remove_file(&script);
+}
+
+#[test]
+fn a_worker_load_failure_is_the_job_exit_code_with_its_rank_and_stderr() {
+    let _g = serial();
+    let script = fake_worker("load", "echo 'cannot read shard 3 of 8' >&2\nexit 4");
+    let mut l = Launcher::start(
+        &["--nproc", "1", "--worker-bin", script.to_str().unwrap()],
+        &[],
+    );
+    let (status, _) = l.wait_exit(Duration::from_secs(20));
+    let stderr = l.stderr();
+    assert_eq!(status.code(), Some(LOAD_FAILURE), "{stderr}");
+    assert!(
+        stderr.contains("lava: error: rank 0: load-failure: dit worker"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("lava:   [rank 0 dit] cannot read shard 3 of 8"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(&script);
 }
 
 #[test]
