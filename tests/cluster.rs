@@ -402,6 +402,32 @@ fn ranks_that_never_register_end_the_job_and_their_children_with_them() {
 }
 
 #[test]
+fn workers_that_ignore_sigterm_get_sigkill_after_the_grace_period() {
+    let _g = serial();
+    // SIG_IGN survives exec, so the sleep that replaces the shell ignores SIGTERM too.
+    let script = fake_worker("stubborn", "trap '' TERM\nexec sleep 300");
+    let args = [
+        "--nproc",
+        "1",
+        "--ready-timeout",
+        "1",
+        "--grace",
+        "1",
+        "--worker-bin",
+    ];
+    let mut l = Launcher::start(&[&args[..], &[script.to_str().unwrap()]].concat(), &[]);
+    let (status, took) = l.wait_exit(Duration::from_secs(20));
+    let stderr = l.stderr();
+    assert_eq!(status.code(), Some(PEER_LOST), "{stderr}");
+    assert!(
+        stderr.contains("lava: ranks [0] ignored SIGTERM for 1 s; sending SIGKILL"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let _ = std::fs::remove_file(&script);
+}
+
+#[test]
 fn a_worker_load_failure_is_the_job_exit_code_with_its_rank_and_stderr() {
     let _g = serial();
     let script = fake_worker("load", "echo 'cannot read shard 3 of 8' >&2\nexit 4");
