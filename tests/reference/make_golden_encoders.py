@@ -168,6 +168,9 @@ def make_pth() -> None:
     """Small archives for the .pth reader: dtypes, views, zip64, and what it must reject."""
     import zipfile
 
+    def fixed_info(info):  # same name, fixed timestamp: reproducible archives
+        return zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+
     out = FIX / "pth"
     out.mkdir(parents=True, exist_ok=True)
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 8
@@ -184,7 +187,7 @@ def make_pth() -> None:
         with zipfile.ZipFile(out / "views.pth") as src, \
                 zipfile.ZipFile(out / "zip64.pth", "w", zipfile.ZIP_STORED) as dst:
             for info in src.infolist():
-                with dst.open(info.filename, "w", force_zip64=True) as f:
+                with dst.open(fixed_info(info), "w", force_zip64=True) as f:
                     f.write(src.read(info.filename))
     finally:
         zipfile.ZIP64_LIMIT = limit
@@ -194,7 +197,9 @@ def make_pth() -> None:
     with zipfile.ZipFile(out / "views.pth") as src, \
             zipfile.ZipFile(out / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as dst:
         for info in src.infolist():
-            dst.writestr(info.filename, src.read(info.filename))
+            z = fixed_info(info)
+            z.compress_type = zipfile.ZIP_DEFLATED
+            dst.writestr(z, src.read(info.filename))
     print("pth:", sorted(p.name for p in out.iterdir()))
 
 
