@@ -10,6 +10,7 @@
 use super::{Shard, SharedComm, shard_of};
 use crate::comm::ReduceOp;
 use crate::device::{BinaryOp, Epilogue};
+use crate::models::VarBuilder;
 use crate::{DType, Error, Result, Tensor};
 
 /// How a checkpoint tensor of a transformer block (or an audio injector, the same attention
@@ -74,6 +75,22 @@ impl ColumnParallel {
         }
     }
 
+    /// This rank's rows of `vb`'s `weight [out, inp]` and `bias [out]`, reading only their
+    /// bytes (LoRA merged for that part).
+    pub fn load(
+        vb: &VarBuilder,
+        out: usize,
+        inp: usize,
+        rank: usize,
+        world: usize,
+    ) -> Result<Self> {
+        let h = Self::hint(rank, world);
+        Self::new(
+            vb.get_sharded("weight", &[out, inp], h)?,
+            Some(vb.get_sharded("bias", &[out], h)?),
+        )
+    }
+
     /// `x [.., in]` (replicated) → `[.., out/tp]` in the weight's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.to_dtype(self.weight.dtype())?
@@ -111,6 +128,16 @@ impl RowParallel {
             rank,
             world,
         }
+    }
+
+    /// This rank's columns of `vb`'s `weight [out, inp]` and the whole `bias [out]`.
+    pub fn load(vb: &VarBuilder, out: usize, inp: usize, comm: SharedComm) -> Result<Self> {
+        let h = Self::hint(comm.rank(), comm.world());
+        Self::new(
+            vb.get_sharded("weight", &[out, inp], h)?,
+            Some(vb.get("bias", &[out])?),
+            comm,
+        )
     }
 
     /// `x [.., in/tp]` (this rank's heads or hidden units) → `[.., out]` in the weight's
@@ -180,6 +207,21 @@ impl ShardedRmsNorm {
             world: comm.world(),
         };
         Self::new(shard_of(weight, h)?, full, eps, comm)
+    }
+
+    /// This rank's slice of `vb`'s `weight [full_dim]`.
+    pub fn load(vb: &VarBuilder, full_dim: usize, eps: f32, comm: SharedComm) -> Result<Self> {
+        let h = Shard {
+            dim: 0,
+            rank: comm.rank(),
+            world: comm.world(),
+        };
+        Self::new(
+            vb.get_sharded("weight", &[full_dim], h)?,
+            full_dim,
+            eps,
+            comm,
+        )
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -279,6 +321,30 @@ impl TpAttention {
             RowParallel::from_full(w.o.0, Some(w.o.1), comm.clone())?,
             ShardedRmsNorm::from_full(w.norm_q, eps, comm.clone())?,
             ShardedRmsNorm::from_full(w.norm_k, eps, comm.clone())?,
+            num_heads,
+            n,
+        )
+    }
+
+    /// This rank's heads of a `WanSelfAttention` / `WanCrossAttention` (`q`, `k`, `v`, `o`,
+    /// `norm_q`, `norm_k` under `vb`), `dim` wide; only this rank's bytes are read.
+    pub fn load(
+        vb: &VarBuilder,
+        dim: usize,
+        num_heads: usize,
+        eps: f32,
+        comm: SharedComm,
+    ) -> Result<Self> {
+        let (r, n) = (comm.rank(), comm.world());
+        let col = |m: &str| ColumnParallel::load(&vb.pp(m), dim, dim, r, n);
+        let norm = |m: &str| ShardedRmsNorm::load(&vb.pp(m), dim, eps, comm.clone());
+        Self::new(
+            col("q")?,
+            col("k")?,
+            col("v")?,
+            RowParallel::load(&vb.pp("o"), dim, dim, comm.clone())?,
+            norm("norm_q")?,
+            norm("norm_k")?,
             num_heads,
             n,
         )
