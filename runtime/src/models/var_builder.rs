@@ -79,6 +79,14 @@ impl<'a> VarBuilder<'a> {
         merged.unwrap_or(stored).to_dtype(self.dtype)
     }
 
+    /// [`VarBuilder::get`] converted to `dtype` (e.g. f32 for the reference's fp32 regions),
+    /// the copy also charged to the weights category.
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let t = self.get(name, shape)?;
+        let _g = scope(Category::Weights);
+        t.to_dtype(dtype)
+    }
+
     /// This rank's part of tensor `name` (full shape `shape`) split by `hint`; only its byte
     /// ranges are read, and the LoRA delta is formed for that part only (tensor-parallel
     /// loading, style rule 6).

@@ -23,6 +23,7 @@ impl Linear {
     /// The same layer with f32 weights (the reference's fp32 autocast regions: time MLPs,
     /// head, audio encoder).
     pub fn to_f32(&self) -> Result<Self> {
+        let _g = crate::memory::scope(crate::memory::Category::Weights);
         Ok(Self {
             weight: self.weight.to_dtype(DType::F32)?,
             bias: self

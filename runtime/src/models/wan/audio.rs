@@ -19,8 +19,8 @@ impl CausalConv1d {
     fn load(vb: &VarBuilder, c_out: usize, c_in: usize, stride: usize) -> Result<Self> {
         let vb = vb.pp("conv");
         Ok(Self {
-            weight: vb.get("weight", &[c_out, c_in, 3])?.to_dtype(DType::F32)?,
-            bias: vb.get("bias", &[c_out])?.to_dtype(DType::F32)?,
+            weight: vb.get_as("weight", &[c_out, c_in, 3], DType::F32)?,
+            bias: vb.get_as("bias", &[c_out], DType::F32)?,
             stride,
         })
     }
@@ -58,9 +58,7 @@ impl CausalAudioEncoder {
         let (d, q) = (c.dim, c.dim / 4);
         let enc = vb.pp("encoder");
         Ok(Self {
-            weights: vb
-                .get("weights", &[1, c.audio_layers, 1, 1])?
-                .to_dtype(DType::F32)?,
+            weights: vb.get_as("weights", &[1, c.audio_layers, 1, 1], DType::F32)?,
             conv1_local: CausalConv1d::load(
                 &enc.pp("conv1_local"),
                 q * c.num_audio_token,
@@ -71,9 +69,7 @@ impl CausalAudioEncoder {
             conv2: CausalConv1d::load(&enc.pp("conv2"), d / 2, q, 2)?,
             conv3: CausalConv1d::load(&enc.pp("conv3"), d, d / 2, 2)?,
             final_linear: Linear::load(&enc.pp("final_linear"), d, d)?.to_f32()?,
-            padding_tokens: enc
-                .get("padding_tokens", &[1, 1, 1, d])?
-                .to_dtype(DType::F32)?,
+            padding_tokens: enc.get_as("padding_tokens", &[1, 1, 1, d], DType::F32)?,
             num_audio_token: c.num_audio_token,
             motion_frames: c.motion_frames,
             eps: c.eps,

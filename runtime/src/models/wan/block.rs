@@ -32,7 +32,7 @@ impl WanAttentionBlock {
     pub fn load(vb: &VarBuilder, c: &WanConfig) -> Result<Self> {
         let d = c.dim;
         Ok(Self {
-            modulation: vb.get("modulation", &[1, 6, d])?.to_dtype(DType::F32)?,
+            modulation: vb.get_as("modulation", &[1, 6, d], DType::F32)?,
             self_attn: WanAttention::load(&vb.pp("self_attn"), d, c.num_heads, c.eps)?,
             cross_attn: WanAttention::load(&vb.pp("cross_attn"), d, c.num_heads, c.eps)?,
             norm3_weight: vb.pp("norm3").get("weight", &[d])?,

@@ -19,7 +19,7 @@ pub struct Head {
 impl Head {
     pub fn load(vb: &VarBuilder, c: &WanConfig) -> Result<Self> {
         Ok(Self {
-            modulation: vb.get("modulation", &[1, 2, c.dim])?.to_dtype(DType::F32)?,
+            modulation: vb.get_as("modulation", &[1, 2, c.dim], DType::F32)?,
             head: Linear::load(&vb.pp("head"), 4 * c.out_dim, c.dim)?.to_f32()?,
             eps: c.eps,
             out_dim: c.out_dim,
