@@ -475,8 +475,12 @@ fn free_port(lo: u16, hi: u16) -> u16 {
         .unwrap()
 }
 
-/// Two launchers of 2 workers each form one job of 4 ranks; SIGTERM to the master drains both.
-fn two_launchers(env0: Vec<(&str, String)>, env1: Vec<(&str, String)>, source: &str) {
+/// Two launchers of 2 workers each, ready as one job of 4 ranks.
+fn start_two(
+    env0: Vec<(&str, String)>,
+    env1: Vec<(&str, String)>,
+    source: &str,
+) -> (Launcher, Launcher) {
     let mut master = Launcher::start(
         &["--nproc", "2", "--grace", "3", "--health-interval", "1"],
         &env0,
@@ -502,7 +506,12 @@ fn two_launchers(env0: Vec<(&str, String)>, env1: Vec<(&str, String)>, source: &
         "{}",
         other.stderr()
     );
+    (master, other)
+}
 
+/// SIGTERM to the master drains both launchers.
+fn two_launchers(env0: Vec<(&str, String)>, env1: Vec<(&str, String)>, source: &str) {
+    let (mut master, mut other) = start_two(env0, env1, source);
     master.signal(libc::SIGTERM);
     let (status, _) = master.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{}", master.stderr());
@@ -512,20 +521,82 @@ fn two_launchers(env0: Vec<(&str, String)>, env1: Vec<(&str, String)>, source: &
     assert_eq!(wait_dead(&pids, Duration::from_secs(1)), Vec::<i32>::new());
 }
 
+/// torchrun-style variables of launcher `rank` of 2, master on `port`.
+fn torchrun_env(rank: &str, port: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("RANK", rank.to_string()),
+        ("WORLD_SIZE", "2".to_string()),
+        ("LOCAL_RANK", rank.to_string()),
+        ("MASTER_ADDR", "127.0.0.1".to_string()),
+        ("MASTER_PORT", port.to_string()),
+    ]
+}
+
 #[test]
 fn torchrun_variables_join_two_launchers_into_one_job() {
     let _g = serial();
     let port = free_port(30000, 40000).to_string();
-    let env = |rank: &str| {
-        vec![
-            ("RANK", rank.to_string()),
-            ("WORLD_SIZE", "2".to_string()),
-            ("LOCAL_RANK", rank.to_string()),
-            ("MASTER_ADDR", "127.0.0.1".to_string()),
-            ("MASTER_PORT", port.clone()),
-        ]
-    };
-    two_launchers(env("0"), env("1"), "Torchrun");
+    two_launchers(
+        torchrun_env("0", &port),
+        torchrun_env("1", &port),
+        "Torchrun",
+    );
+}
+
+#[test]
+fn a_rank_lost_under_another_launcher_ends_the_whole_job() {
+    let _g = serial();
+    let port = free_port(30000, 40000).to_string();
+    let (mut master, mut other) = start_two(
+        torchrun_env("0", &port),
+        torchrun_env("1", &port),
+        "Torchrun",
+    );
+    let pids: Vec<i32> = master.worker_pids().values().copied().collect();
+    kill(other.worker_pids()[&3], libc::SIGKILL);
+    let (status, _) = other.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(PEER_LOST), "{}", other.stderr());
+    assert!(
+        other.stderr().contains("lava: error: rank 3: peer-lost"),
+        "{}",
+        other.stderr()
+    );
+    // The master sees ranks 2 and 3 stop answering and names one of them.
+    let (status, took) = master.wait_exit(Duration::from_secs(15));
+    let stderr = master.stderr();
+    assert_eq!(status.code(), Some(PEER_LOST), "{stderr}");
+    assert!(took < Duration::from_secs(10), "master took {took:?}");
+    assert!(
+        stderr.contains("lava: error: rank 2: peer-lost")
+            || stderr.contains("lava: error: rank 3: peer-lost"),
+        "{stderr}"
+    );
+    assert_eq!(wait_dead(&pids, Duration::from_secs(2)), Vec::<i32>::new());
+}
+
+#[test]
+fn losing_the_master_launcher_ends_the_others() {
+    let _g = serial();
+    let port = free_port(30000, 40000).to_string();
+    let (mut master, mut other) = start_two(
+        torchrun_env("0", &port),
+        torchrun_env("1", &port),
+        "Torchrun",
+    );
+    let pids: Vec<i32> = master.worker_pids().values().copied().collect();
+    master.signal(libc::SIGKILL);
+    master.wait_exit(Duration::from_secs(5));
+    let (status, took) = other.wait_exit(Duration::from_secs(20));
+    let stderr = other.stderr();
+    assert_eq!(status.code(), Some(PEER_LOST), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "master launcher at http://127.0.0.1:{port} unreachable"
+        )),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(wait_dead(&pids, Duration::from_secs(2)), Vec::<i32>::new());
 }
 
 #[test]
