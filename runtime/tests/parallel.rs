@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runtime::comm::{SocketComm, SocketOptions};
-use runtime::parallel::tp::AttentionWeights;
+use runtime::parallel::tp::{AttentionWeights, block_hint};
 use runtime::parallel::ulysses::sdpa;
 use runtime::parallel::{
-    Attention, ColumnParallel, Groups, Mesh, RowParallel, SeqShard, ShardedUnit, SharedComm,
-    StageBoundary, TpAttention,
+    Attention, ColumnParallel, Groups, Mesh, RowParallel, SeqShard, ShardedRmsNorm, ShardedUnit,
+    SharedComm, StageBoundary, TpAttention, shard_of,
 };
 use runtime::testing::{Rng, compare};
 use runtime::{DType, Device, Result, Tensor};
@@ -47,10 +47,6 @@ fn on_threads<R: Send + 'static>(
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
-
-fn solo() -> SharedComm {
-    Arc::new(SocketComm::local_group(1, opts()).unwrap().remove(0))
 }
 
 fn randn(rng: &mut Rng, shape: &[usize], std: f32) -> Tensor {
@@ -187,6 +183,41 @@ impl Block {
             .unwrap(),
             ffn_2: RowParallel::from_full(w.get("ffn.2.weight"), Some(w.get("ffn.2.bias")), tp)
                 .unwrap(),
+        }
+    }
+
+    /// From this rank's TP shards (as `block_hint` cuts them), e.g. an FSDP-gathered unit.
+    fn from_shards(w: &Weights, tp: SharedComm, core: Attention) -> Self {
+        let t = |n: &str| w.get(n).clone();
+        let col = |m: &str| {
+            let m = format!("self_attn.{m}");
+            ColumnParallel::new(t(&format!("{m}.weight")), Some(t(&format!("{m}.bias")))).unwrap()
+        };
+        let norm = |m: &str| {
+            ShardedRmsNorm::new(t(&format!("self_attn.{m}.weight")), D, EPS, tp.clone()).unwrap()
+        };
+        let o = RowParallel::new(
+            t("self_attn.o.weight"),
+            Some(t("self_attn.o.bias")),
+            tp.clone(),
+        )
+        .unwrap();
+        let n = tp.world();
+        Self {
+            attn: TpAttention::new(
+                col("q"),
+                col("k"),
+                col("v"),
+                o,
+                norm("norm_q"),
+                norm("norm_k"),
+                HEADS,
+                n,
+            )
+            .unwrap(),
+            core,
+            ffn_0: ColumnParallel::new(t("ffn.0.weight"), Some(t("ffn.0.bias"))).unwrap(),
+            ffn_2: RowParallel::new(t("ffn.2.weight"), Some(t("ffn.2.bias")), tp).unwrap(),
         }
     }
 
@@ -388,9 +419,10 @@ fn pipeline_2_matches_unsharded() {
     assert_close("pp2 output", results[1].as_ref().unwrap(), &want);
 }
 
-/// FSDP over `n` ranks, optionally sharing the group with Ulysses (the planner's layout):
-/// two blocks and a root unit (a final projection), each rank keeping 1/n of each.
-fn run_fsdp(n: usize, ulysses: bool) {
+/// FSDP over the Ulysses group of a `tp`×`sp` mesh (the planner's layout): two blocks and a
+/// root unit (a final projection); each rank keeps 1/sp of its TP shard of every unit. With
+/// `ulysses` false the sp ranks each run the whole sequence (plain FSDP).
+fn run_fsdp(sp: usize, tp: usize, ulysses: bool) {
     let ws = [Weights::random(31), Weights::random(32)];
     let mut rng = Rng::new(33);
     let proj = randn(&mut rng, &[D, D], 0.1);
@@ -399,24 +431,40 @@ fn run_fsdp(n: usize, ulysses: bool) {
     let (y1, _) = reference(&ws[1], &y0, None);
     let want = y1.linear(&proj, None).unwrap().to_vec_f32().unwrap();
     let (ws2, proj2) = (ws.clone(), proj.clone());
-    let results = on_threads(n, move |comm| {
-        let units: Vec<ShardedUnit> = ws2
+    let results = on_threads(sp * tp, move |world| {
+        let g = Groups::split(world.as_ref(), &Mesh::new(1, 1, sp, tp).unwrap()).unwrap();
+        let fsdp = g.sp.clone();
+        // What this rank would hold under TP alone, then 1/sp of it under FSDP.
+        let tp_shards: Vec<Weights> = ws2
             .iter()
-            .map(|w| ShardedUnit::from_full(&w.0, comm.clone()).unwrap())
+            .map(|w| {
+                let part = |(n, t): &(String, Tensor)| {
+                    let t = match block_hint(n, g.tp.rank(), tp) {
+                        Some(h) => shard_of(t, h).unwrap(),
+                        None => t.clone(),
+                    };
+                    (n.clone(), t)
+                };
+                Weights(w.0.iter().map(part).collect())
+            })
+            .collect();
+        let units: Vec<ShardedUnit> = tp_shards
+            .iter()
+            .map(|w| ShardedUnit::from_full(&w.0, fsdp.clone()).unwrap())
             .collect();
         let root =
-            ShardedUnit::from_full(&[("head.weight".into(), proj2.clone())], comm.clone()).unwrap();
-        let full: usize = ws2[0].0.iter().map(|(_, t)| t.elem_count()).sum();
-        assert_eq!(units[0].shard().elem_count(), full.div_ceil(n));
+            ShardedUnit::from_full(&[("head.weight".into(), proj2.clone())], fsdp.clone()).unwrap();
+        let held: usize = tp_shards[0].0.iter().map(|(_, t)| t.elem_count()).sum();
+        assert_eq!(units[0].shard().elem_count(), held.div_ceil(sp));
 
         let seq = if ulysses {
-            SeqShard::over(11, &comm).unwrap()
+            SeqShard::over(11, &g.sp).unwrap()
         } else {
             SeqShard::full(11)
         };
         let core = || {
             if ulysses {
-                Attention::ulysses(comm.clone())
+                Attention::ulysses(g.sp.clone())
             } else {
                 Attention::local()
             }
@@ -427,18 +475,19 @@ fn run_fsdp(n: usize, ulysses: bool) {
         let root_full = root.gather().unwrap();
         let mut h = seq.split(&x, 1).unwrap();
         for unit in &units {
-            let g = unit.gather().unwrap();
+            let gathered = unit.gather().unwrap();
             let w = Weights(
-                g.names()
-                    .map(|nm| (nm.to_string(), g.get(nm).unwrap().clone()))
+                gathered
+                    .names()
+                    .map(|nm| (nm.to_string(), gathered.get(nm).unwrap().clone()))
                     .collect(),
             );
-            let block = Block::new(&w, solo(), core());
+            let block = Block::from_shards(&w, g.tp.clone(), core());
             h = block.forward(&h, &tables, &seq, sdpa).unwrap();
-            // `g`, `w` and the block drop here: the unsharded block is freed.
+            // `gathered`, `w` and the block drop here: the unsharded block is freed.
         }
         let h = if ulysses {
-            seq.gather(&h, 1, &comm).unwrap()
+            seq.gather(&h, 1, &g.sp).unwrap()
         } else {
             h
         };
@@ -446,16 +495,22 @@ fn run_fsdp(n: usize, ulysses: bool) {
             .unwrap()
     });
     for (rank, y) in results.iter().enumerate() {
-        assert_close(&format!("fsdp{n} ulysses={ulysses} rank {rank}"), y, &want);
+        let what = format!("fsdp{sp} tp{tp} ulysses={ulysses} rank {rank}");
+        assert_close(&what, y, &want);
     }
 }
 
 #[test]
 fn fsdp_2_matches_unsharded() {
-    run_fsdp(2, false);
+    run_fsdp(2, 1, false);
 }
 
 #[test]
 fn fsdp_over_ulysses_2_matches_unsharded() {
-    run_fsdp(2, true);
+    run_fsdp(2, 1, true);
+}
+
+#[test]
+fn fsdp_over_ulysses_2_by_tensor_parallel_2_matches_unsharded() {
+    run_fsdp(2, 2, true);
 }
