@@ -433,3 +433,34 @@ fn tp_layers_in_bf16_match_the_unsharded_linear() {
         "every TP rank holds the same reduced output"
     );
 }
+
+#[test]
+fn dit_groups_leave_out_the_vae_rank() {
+    let mesh = Mesh::new(1, 1, 1, 2).unwrap();
+    let out = on_threads(3, move |world| {
+        let g = Groups::split_dit(world.as_ref(), &mesh).unwrap();
+        g.map(|g| {
+            let me = Tensor::from_vec(vec![world.rank() as f32], 1, &Device::Cpu).unwrap();
+            g.tp.all_gather(&me, 0).unwrap().to_vec_f32().unwrap()
+        })
+    });
+    assert_eq!(out, vec![Some(vec![0., 1.]), Some(vec![0., 1.]), None]);
+    // Groups::split itself wants exactly the DiT ranks.
+    let out = on_threads(3, move |world| {
+        Groups::split(world.as_ref(), &mesh).is_err()
+    });
+    assert!(out.iter().all(|&e| e));
+}
+
+#[test]
+fn ulysses_refuses_heads_that_do_not_split() {
+    let out = on_threads(2, |comm| {
+        let q = Tensor::zeros((1, 2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let seq = SeqShard::over(4, &comm).unwrap();
+        let e = Attention::ulysses(comm)
+            .forward(&q, &q, &q, &seq)
+            .unwrap_err();
+        e.to_string()
+    });
+    assert!(out.iter().all(|m| m.contains("3 heads")), "{out:?}");
+}

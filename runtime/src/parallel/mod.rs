@@ -127,6 +127,19 @@ pub struct Groups {
 }
 
 impl Groups {
+    /// Collective over a world that may end with ranks outside the DiT mesh (a dedicated VAE
+    /// rank): every rank calls it; DiT ranks get their groups, the others `None`.
+    pub fn split_dit(world: &dyn Comm, mesh: &Mesh) -> Result<Option<Self>> {
+        let rank = world.rank();
+        let key = u32::try_from(rank).map_err(|_| Error::invalid("Groups", "too many ranks"))?;
+        let is_dit = rank < mesh.world();
+        let dit = world.split(u32::from(!is_dit), key)?;
+        if !is_dit {
+            return Ok(None);
+        }
+        Self::split(dit.as_ref(), mesh).map(Some)
+    }
+
     /// Collective over `world` (every DiT rank calls it, in the same order; a dedicated VAE
     /// rank must not): three splits.
     pub fn split(world: &dyn Comm, mesh: &Mesh) -> Result<Self> {

@@ -177,6 +177,16 @@ impl Attention {
             return core(q, k, v);
         };
         seq.check_comm(comm)?;
+        let heads = q.dim(2)?;
+        if !heads.is_multiple_of(comm.world()) {
+            return Err(Error::invalid(
+                "Attention::ulysses",
+                format!(
+                    "{heads} heads do not split over Ulysses degree {} (sp must divide the heads)",
+                    comm.world()
+                ),
+            ));
+        }
         // [B, L/sp, H, d] → [B, L_pad, H/sp, d] → drop the padding rows.
         let to_heads = |x: &Tensor| -> Result<Tensor> {
             seq.check_len("Attention::ulysses", x, 1, seq.local_len())?;
