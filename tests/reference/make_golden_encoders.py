@@ -203,9 +203,72 @@ def make_pth() -> None:
     print("pth:", sorted(p.name for p in out.iterdir()))
 
 
+TOKENIZER_PROMPTS = [
+    "A woman speaks to the camera, smiling.  Soft light.",
+    "  Tom &amp; Jerry &lt;3 &amp;amp;lt;b&amp;gt; \t\n line two\r\nthree  ",
+    "\u201cCurly\u201d \u2018quotes\u2019 and \ufb01ne ligatures, \uff26\uff35\uff2c\uff2c\u3000\uff54\uff45\uff58\uff54",
+    "x\x00y\x1b[31mred\x1b[0m \x85 \u2028 done\u200b\ufeff",
+    "a < b &amp; c &amp;amp; d",
+    "&notit; &#x80; &#0; &#1114112; &#65 &AMP &ampx &#x1; &#xD800; &unknown; &#;",
+    "e\u0301 combining, C1 \x93quoted\x94 \x81",
+    " ".join(f"word{i % 7} and more" for i in range(30)),
+    "",
+    "\u4e00\u4e2a\u5973\u4eba\u5728\u8bf4\u8bdd, caf\u00e9 na\u00efve",
+]
+
+
+def reference_clean(text: str) -> str:
+    """The prompt cleaning of §1.3: ftfy, html.unescape twice, strip, collapse whitespace."""
+    import html
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def make_tokenizer() -> None:
+    """A tiny tokenizer.json of the umT5 kind (Unigram, Metaspace, EOS template) and the ids
+    the fast-tokenizer call of the reference gives (padding and truncation to text_len)."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = ["a", "an", "and", "the", "to", "wo", "man", "speak", "s", "camera", "smil", "ing",
+             "soft", "light", "word", "more", "quote", "line", "two", "three", "red", "done"]
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                       ".,;:!?&<>'\"-\u00e9\u00ef\u4e00\u4e2a\u5973\u4eba\u5728\u8bf4\u8bdd"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -3.0 - 0.1 * i) for i, w in enumerate(words)]
+    vocab += [(w, -4.0 - 0.1 * i) for i, w in enumerate(words)]
+    vocab += [(c, -8.0) for c in chars] + [("\u2581" + c, -7.5) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(),
+                                           normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                       special_tokens=[("</s>", 1)])
+    out = FIX / "t5_tiny" / "tokenizer"
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    text_len = 32
+    tok.enable_truncation(max_length=text_len)
+    tok.enable_padding(length=text_len, pad_id=0, pad_token="<pad>")
+    cases = []
+    for p in TOKENIZER_PROMPTS:
+        clean = reference_clean(p)
+        enc = tok.encode(clean)
+        cases.append({"prompt": p, "clean": clean, "ids": enc.ids,
+                      "real": sum(enc.attention_mask)})
+    (FIX / "t5_tiny" / "tokenizer_golden.json").write_text(
+        json.dumps({"text_len": text_len, "cases": cases}, indent=1, ensure_ascii=True) + "\n")
+    print("tokenizer:", [c["real"] for c in cases])
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     torch.manual_seed(0)
-    which = sys.argv[1:] or ["vae", "t5", "w2v", "pth"]
+    which = sys.argv[1:] or ["vae", "t5", "w2v", "pth", "tok"]
     for w in which:
-        {"vae": make_vae, "t5": make_t5, "w2v": make_w2v, "pth": make_pth}[w]()
+        {"vae": make_vae, "t5": make_t5, "w2v": make_w2v, "pth": make_pth, "tok": make_tokenizer}[w]()

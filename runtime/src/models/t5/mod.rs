@@ -7,11 +7,16 @@
 //! padded keys with the dtype's minimum, which gives them exactly zero softmax weight, so the
 //! real rows are the same, and its output is cut to the real tokens anyway.
 
+mod html_entities;
+pub mod text;
+pub mod tokenizer;
+
 use planner::spec::T5Spec;
 
 use crate::device::{BinaryOp, UnaryOp};
 use crate::models::vars::{Vars, VarsRoot};
 use crate::{DType, Device, Error, Result, Tensor};
+pub use tokenizer::{T5Tokenizer, Tokens};
 
 /// Sizes (umT5-XXL: vocab 256 384, dim 4096, ffn 10 240, 64 heads, 24 layers, 32 buckets).
 #[derive(Debug, Clone, PartialEq, Eq)]
