@@ -37,6 +37,17 @@ for t in "$BIN"/tests/*; do
   [ "$rc" = 0 ] || status=1
 done
 
+# With the `cudnn` feature the attention tests above ran cuDNN's SDPA; run them again on the
+# project's own kernel.
+for t in ops_linalg cuda_vs_cpu; do
+  [ -x "$BIN/tests/$t" ] || continue
+  echo "== LAVA_ATTENTION=own $t --test-threads 1" | tee -a "$LOG_DIR/tests.txt"
+  LAVA_ATTENTION=own "$BIN/tests/$t" --test-threads 1 2>&1 | tee -a "$LOG_DIR/tests.txt"
+  rc=${PIPESTATUS[0]}
+  echo "exit: $rc" | tee -a "$LOG_DIR/tests.txt"
+  [ "$rc" = 0 ] || status=1
+done
+
 echo "== gpu-bench" | tee "$LOG_DIR/bench.txt"
 "$BIN/bin/gpu-bench" 2>&1 | tee -a "$LOG_DIR/bench.txt"
 echo "== torch" | tee -a "$LOG_DIR/bench.txt"

@@ -19,6 +19,94 @@ fn main() {
         eprintln!("error: kernels (feature `cuda`): {e}");
         std::process::exit(1);
     }
+    if std::env::var_os("CARGO_FEATURE_CUDNN").is_some()
+        && let Err(e) = build_cudnn_shim()
+    {
+        eprintln!("error: kernels (feature `cudnn`): {e}");
+        std::process::exit(1);
+    }
+}
+
+const CUDNN_HINT: &str = "set CUDNN_FRONTEND_INCLUDE=<site-packages>/include (pip nvidia-cudnn-frontend==1.32.0) \
+     and CUDNN_INCLUDE=<site-packages>/nvidia/cudnn/include (pip nvidia-cudnn-cu13==9.19.0.56; headers only)";
+
+/// The cuDNN SDPA shim (`cudnn/sdpa.cpp`): one g++ call, archived as a static library. The
+/// frontend loads cuDNN, cudart and libcuda with dlopen, so nothing CUDA is linked.
+fn build_cudnn_shim() -> Result<(), String> {
+    for v in [
+        "CUDNN_FRONTEND_INCLUDE",
+        "CUDNN_INCLUDE",
+        "CUDA_INCLUDE",
+        "CXX",
+    ] {
+        println!("cargo:rerun-if-env-changed={v}");
+    }
+    println!("cargo:rerun-if-changed=cudnn/sdpa.cpp");
+    let env_dir = |v: &str| -> Result<PathBuf, String> {
+        let p = PathBuf::from(
+            std::env::var_os(v).ok_or_else(|| format!("{v} is not set; {CUDNN_HINT}"))?,
+        );
+        if p.is_dir() {
+            Ok(p)
+        } else {
+            Err(format!("{v}={} is not a folder; {CUDNN_HINT}", p.display()))
+        }
+    };
+    let fe = env_dir("CUDNN_FRONTEND_INCLUDE")?;
+    let cudnn = env_dir("CUDNN_INCLUDE")?;
+    let cuda = match std::env::var_os("CUDA_INCLUDE") {
+        Some(p) => PathBuf::from(p),
+        // The pip toolkit keeps its headers next to bin/: nvidia/cu13/{bin,include}.
+        None => find_nvcc()?
+            .parent()
+            .and_then(Path::parent)
+            .map(|p| p.join("include"))
+            .ok_or("cannot derive CUDA_INCLUDE from nvcc")?,
+    };
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?);
+    let obj = out_dir.join("sdpa.o");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let o = Command::new(&cxx)
+        .args([
+            "-std=c++17",
+            "-O2",
+            "-fPIC",
+            "-c",
+            "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING",
+        ])
+        .arg("-I")
+        .arg(&fe)
+        .arg("-I")
+        .arg(&cudnn)
+        .arg("-I")
+        .arg(&cuda)
+        .arg("cudnn/sdpa.cpp")
+        .arg("-o")
+        .arg(&obj)
+        .output()
+        .map_err(|e| format!("cannot run {cxx}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "{cxx} failed on cudnn/sdpa.cpp:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let lib = out_dir.join("liblava_cudnn_sdpa.a");
+    let _ = std::fs::remove_file(&lib);
+    let o = Command::new("ar")
+        .arg("rcs")
+        .arg(&lib)
+        .arg(&obj)
+        .output()
+        .map_err(|e| format!("cannot run ar: {e}"))?;
+    if !o.status.success() {
+        return Err(format!("ar failed: {}", String::from_utf8_lossy(&o.stderr)));
+    }
+    println!("cargo:rustc-link-search=native={}", out_dir.display());
+    println!("cargo:rustc-link-lib=static=lava_cudnn_sdpa");
+    println!("cargo:rustc-link-lib=dylib=stdc++");
+    println!("cargo:rustc-link-lib=dylib=dl");
+    Ok(())
 }
 
 fn find_nvcc() -> Result<PathBuf, String> {

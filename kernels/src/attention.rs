@@ -36,7 +36,13 @@ unsafe impl DeviceRepr for AttnArgs {}
 impl AttnArgs {
     /// Contiguous `[batch, lq|lk, heads, 128]` q, k, v and out.
     pub fn contiguous(lq: usize, lk: usize, heads: usize) -> Self {
-        let (hs, ls) = (HEAD_DIM as i64, (heads * HEAD_DIM) as i64);
+        Self::contiguous_hd(lq, lk, heads, HEAD_DIM)
+    }
+
+    /// Contiguous `[batch, lq|lk, heads, head_dim]` (the own kernel needs head_dim 128;
+    /// cuDNN takes others).
+    pub fn contiguous_hd(lq: usize, lk: usize, heads: usize, head_dim: usize) -> Self {
+        let (hs, ls) = (head_dim as i64, (heads * head_dim) as i64);
         Self {
             q_bs: lq as i64 * ls,
             q_ls: ls,

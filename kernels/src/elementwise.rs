@@ -212,8 +212,8 @@ fn elem_args(
     a.dtype[3] = out.dst.dtype.code();
     for (d, &size) in cd.iter().enumerate() {
         a.shape[d] = size as i64;
-        for k in 0..ins.len() {
-            a.stride[k][d] = cs[k][d] as i64;
+        for (k, st) in cs.iter().take(ins.len()).enumerate() {
+            a.stride[k][d] = st[d] as i64;
         }
         a.stride[3][d] = cs[ins.len()][d] as i64;
     }
@@ -278,6 +278,7 @@ impl Kernels {
     }
 
     /// `out[i] = op(a[i], b[i], c[i])` over `dims` with broadcasting strides.
+    #[allow(clippy::too_many_arguments)]
     pub fn ternary(
         &self,
         s: &CudaStream,

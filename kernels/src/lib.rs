@@ -18,6 +18,8 @@
 
 #[cfg(feature = "cuda")]
 mod attention;
+#[cfg(feature = "cudnn")]
+pub mod cudnn;
 #[cfg(feature = "cuda")]
 mod elementwise;
 #[cfg(feature = "cuda")]

@@ -357,7 +357,7 @@ impl Kernels {
             (Some(b), true) => b.elems(),
             _ => cols,
         };
-        if bias_per_row && (bias_n == 0 || rows % bias_n != 0) {
+        if bias_per_row && (bias_n == 0 || !rows.is_multiple_of(bias_n)) {
             return Err(Error::Unsupported {
                 op: "bias_act",
                 msg: format!("{rows} rows with a per-row bias of {bias_n}"),

@@ -30,6 +30,10 @@ pub(crate) struct CudaDev {
     stream: Arc<CudaStream>,
     kernels: Kernels,
     lt: Lt,
+    /// cuDNN's fused attention, or why it is not available (`LAVA_ATTENTION=own` turns it
+    /// off; the project's own kernel then runs).
+    #[cfg(feature = "cudnn")]
+    cudnn: std::result::Result<kernels::cudnn::CudnnSdpa, String>,
 }
 
 impl CudaDev {
@@ -55,12 +59,20 @@ impl CudaDev {
         let stream = ctx.new_stream().map_err(ce)?;
         let kernels = Kernels::load(&ctx).map_err(ke)?;
         let lt = Lt::new(Arc::clone(&stream), true).map_err(ke)?;
+        #[cfg(feature = "cudnn")]
+        let cudnn = if std::env::var("LAVA_ATTENTION").is_ok_and(|v| v == "own") {
+            Err("off (LAVA_ATTENTION=own)".to_string())
+        } else {
+            kernels::cudnn::CudnnSdpa::new(Arc::clone(&stream)).map_err(|e| e.to_string())
+        };
         Ok(Self {
             ordinal,
             ctx,
             stream,
             kernels,
             lt,
+            #[cfg(feature = "cudnn")]
+            cudnn,
         })
     }
 
@@ -149,8 +161,15 @@ pub fn check_kernels(ordinal: usize) -> Result<String> {
     if got != CpuStorage::F32(vec![5.0, 11.0, 11.0, 25.0]) {
         return Err(Error::Cuda(format!("cuBLASLt smoke GEMM gave {got:?}")));
     }
+    #[cfg(feature = "cudnn")]
+    let attn = match &d.cudnn {
+        Ok(c) => format!("cuDNN SDPA {}", c.version()),
+        Err(e) => format!("own kernel (cuDNN SDPA unavailable: {e})"),
+    };
+    #[cfg(not(feature = "cudnn"))]
+    let attn = "own kernel (built without `cudnn`)".to_string();
     Ok(format!(
-        "kernels loaded ({}), cuBLASLt GEMM ok",
+        "kernels loaded ({}), cuBLASLt GEMM ok, attention: {attn}",
         from.join(" ")
     ))
 }

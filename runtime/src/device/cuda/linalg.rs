@@ -263,14 +263,34 @@ pub(super) fn attention(
 ) -> Result<CudaStorage> {
     let dev = &q.dev;
     let (b, lq, lk, h, hd) = (spec.batch, spec.lq, spec.lk, spec.heads, spec.head_dim);
-    let fast = bias.is_none()
-        && hd == 128
+    let bf16 = bias.is_none()
         && [q.dtype, k.dtype, v.dtype, spec.out]
             .iter()
             .all(|&d| d == DType::BF16)
         && lq <= i32::MAX as usize
         && lk <= i32::MAX as usize;
-    if fast {
+    #[cfg(feature = "cudnn")]
+    if bf16 && let Ok(c) = &dev.cudnn {
+        let mut out = q.new_like(b * lq * h * hd, DType::BF16)?;
+        let args = kernels::AttnArgs::contiguous_hd(lq, lk, h, hd);
+        // A shape cuDNN refuses falls through to the kernels below.
+        if c.attention(
+            q.input(),
+            k.input(),
+            v.input(),
+            out_of(&mut out),
+            &args,
+            b,
+            h,
+            hd,
+            spec.scale,
+        )
+        .is_ok()
+        {
+            return Ok(out);
+        }
+    }
+    if bf16 && hd == 128 {
         let mut out = q.new_like(b * lq * h * hd, DType::BF16)?;
         let args = kernels::AttnArgs::contiguous(lq, lk, h);
         dev.kernels
