@@ -14,6 +14,7 @@ pub mod audio;
 pub mod error;
 pub mod frames;
 pub mod image;
+mod pipe;
 pub mod video;
 
 pub use error::{MediaError, Result};

@@ -7,11 +7,10 @@
 //! no encoder lookahead (`-tune zerolatency`), so each finished block is on disk as a playable
 //! fragment once the next block's first frame is encoded. If this process dies, ffmpeg sees
 //! EOF and finalises the file; if ffmpeg itself is killed, only the fragment in progress is
-//! lost. See docs/media.md for the audio offset (`audio_skip_frames`).
+//! lost. Audio comes from a file or live ([`AudioIn`]). See docs/media.md for the audio offset
+//! (`audio_skip_frames`).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::ChildStdin;
 use std::thread::JoinHandle;
 
 use ffmpeg_sidecar::child::FfmpegChild;
@@ -19,6 +18,18 @@ use ffmpeg_sidecar::command::FfmpegCommand;
 use ffmpeg_sidecar::event::{FfmpegEvent, LogLevel};
 
 use crate::error::{MediaError, Result};
+use crate::pipe::{Feeder, Fifo};
+
+/// Where the muxed audio comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AudioIn {
+    /// Video only.
+    None,
+    /// The driving audio file (any format ffmpeg reads).
+    File(PathBuf),
+    /// Pushed with [`Mp4Writer::write_audio`] as it arrives: interleaved f32 samples.
+    Live { sample_rate: u32, channels: u16 },
+}
 
 /// Options of [`Mp4Writer`].
 #[derive(Debug, Clone)]
@@ -30,8 +41,8 @@ pub struct Mp4Options {
     pub fps: u32,
     /// Frames per block: the keyframe (and fragment) interval.
     pub block_frames: u32,
-    /// Driving audio muxed as AAC; `None` writes video only.
-    pub audio: Option<PathBuf>,
+    /// Driving audio, muxed as AAC.
+    pub audio: AudioIn,
     /// Video frames' worth of audio (1/fps each) cut from the start of the audio. The reference
     /// drops the first 3 generated frames but muxes the audio from 0, so its video leads by
     /// 120 ms; 3 here puts every frame next to the audio that drove it, 0 reproduces the
@@ -55,7 +66,7 @@ impl Mp4Options {
             height,
             fps: 25,
             block_frames: 12,
-            audio: None,
+            audio: AudioIn::None,
             audio_skip_frames: 3,
             expected_frames: None,
             crf: 18,
@@ -75,14 +86,16 @@ pub struct VideoSummary {
 /// A progressive MP4 writer around one ffmpeg process.
 pub struct Mp4Writer {
     child: FfmpegChild,
-    stdin: Option<ChildStdin>,
+    video: Feeder,
+    /// Live audio: its feeder, FIFO and channel count.
+    audio: Option<(Feeder, Fifo, u16)>,
     events: Option<JoinHandle<Vec<String>>>,
     path: PathBuf,
     frame_bytes: usize,
     width: u32,
     height: u32,
     frames: u64,
-    rgb: Vec<u8>,
+    done: bool,
 }
 
 impl std::fmt::Debug for Mp4Writer {
@@ -126,7 +139,7 @@ impl Mp4Writer {
         if opts.fps == 0 || opts.block_frames == 0 {
             return Err(MediaError::Video("fps and block_frames must be > 0".into()));
         }
-        if let Some(a) = &opts.audio
+        if let AudioIn::File(a) = &opts.audio
             && !a.is_file()
         {
             return Err(MediaError::io(
@@ -141,9 +154,30 @@ impl Mp4Writer {
             .args(["-f", "rawvideo", "-pix_fmt", "rgb24"])
             .args(["-s", &format!("{w}x{h}"), "-r", &opts.fps.to_string()])
             .input("-");
-        if let Some(audio) = &opts.audio {
-            cmd.input(audio.as_os_str())
-                .args(["-map", "0:v:0", "-map", "1:a:0"]);
+        let mut fifo = None;
+        match &opts.audio {
+            AudioIn::None => {}
+            AudioIn::File(audio) => {
+                cmd.input(audio.as_os_str());
+            }
+            AudioIn::Live {
+                sample_rate,
+                channels,
+            } => {
+                if *sample_rate == 0 || *channels == 0 {
+                    return Err(MediaError::Video(format!(
+                        "live audio: {channels} channels at {sample_rate} Hz"
+                    )));
+                }
+                let f = Fifo::new("audio")?;
+                cmd.args(["-f", "f32le", "-ar", &sample_rate.to_string()])
+                    .args(["-ac", &channels.to_string()])
+                    .input(f.path.as_os_str());
+                fifo = Some((f, *channels));
+            }
+        }
+        if opts.audio != AudioIn::None {
+            cmd.args(["-map", "0:v:0", "-map", "1:a:0"]);
             let fps = f64::from(opts.fps);
             let start = f64::from(opts.audio_skip_frames) / fps;
             let end = opts
@@ -178,7 +212,12 @@ impl Mp4Writer {
                 MediaError::Ffmpeg(format!("spawning {}: {e}", ffmpeg.display()))
             }
         })?;
-        let stdin = child.take_stdin();
+        let Some(stdin) = child.take_stdin() else {
+            let _ = child.kill();
+            return Err(MediaError::Ffmpeg("ffmpeg's stdin is not piped".into()));
+        };
+        let video = Feeder::new(stdin);
+        let audio = fifo.map(|(f, ch)| (Feeder::fifo(f.path.clone()), f, ch));
         let mut iter = child
             .iter()
             .map_err(|e| MediaError::Ffmpeg(format!("reading ffmpeg's log: {e}")))?;
@@ -197,14 +236,15 @@ impl Mp4Writer {
         let frame_bytes = w as usize * h as usize * 3;
         Ok(Self {
             child,
-            stdin,
+            video,
+            audio,
             events: Some(events),
             path: path.to_path_buf(),
             frame_bytes,
             width: w,
             height: h,
             frames: 0,
-            rgb: Vec::with_capacity(frame_bytes),
+            done: false,
         })
     }
 
@@ -212,8 +252,12 @@ impl Mp4Writer {
         self.frames
     }
 
-    /// One frame of `height × width × 3` RGB bytes.
+    /// One frame of `height × width × 3` RGB bytes (queued; ffmpeg is fed on its own thread).
     pub fn write_rgb24(&mut self, rgb: &[u8]) -> Result<()> {
+        self.send_frame(rgb.to_vec())
+    }
+
+    fn send_frame(&mut self, rgb: Vec<u8>) -> Result<()> {
         if rgb.len() != self.frame_bytes {
             return Err(MediaError::Video(format!(
                 "frame of {} bytes, expected {}×{}×3 = {}",
@@ -223,27 +267,32 @@ impl Mp4Writer {
                 self.frame_bytes
             )));
         }
-        let Some(stdin) = self.stdin.as_mut() else {
-            return Err(MediaError::Video("the writer is closed".into()));
-        };
-        if let Err(e) = stdin.write_all(rgb) {
-            let log = self.close_log();
-            return Err(MediaError::Ffmpeg(format!(
-                "writing frame {}: {e}; {log}",
-                self.frames
-            )));
-        }
+        self.video.send(rgb)?;
         self.frames += 1;
         Ok(())
     }
 
     /// One frame as [3, H, W] floats in [−1, 1] (converted as the reference does).
     pub fn write_chw(&mut self, chw: &[f32]) -> Result<()> {
-        let mut rgb = std::mem::take(&mut self.rgb);
-        let r = rgb24_from_chw(chw, self.height as usize, self.width as usize, &mut rgb)
-            .and_then(|()| self.write_rgb24(&rgb));
-        self.rgb = rgb;
-        r
+        let mut rgb = Vec::with_capacity(self.frame_bytes);
+        rgb24_from_chw(chw, self.height as usize, self.width as usize, &mut rgb)?;
+        self.send_frame(rgb)
+    }
+
+    /// Live audio ([`AudioIn::Live`]): interleaved samples in [−1, 1], any amount per call.
+    pub fn write_audio(&mut self, interleaved: &[f32]) -> Result<()> {
+        let Some((feeder, _, channels)) = &self.audio else {
+            return Err(MediaError::Video(
+                "write_audio needs Mp4Options::audio = AudioIn::Live".into(),
+            ));
+        };
+        if !interleaved.len().is_multiple_of(usize::from(*channels)) {
+            return Err(MediaError::Video(format!(
+                "{} samples is not a whole number of {channels}-channel frames",
+                interleaved.len()
+            )));
+        }
+        feeder.send(interleaved.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 
     /// A decoded block [3, T, H, W] in [−1, 1]; flushed to ffmpeg before returning.
@@ -266,27 +315,18 @@ impl Mp4Writer {
         self.flush()
     }
 
+    /// Frames are handed to ffmpeg as they are queued; this reports a failed ffmpeg early.
     pub fn flush(&mut self) -> Result<()> {
-        if let Some(stdin) = self.stdin.as_mut() {
-            stdin
-                .flush()
-                .map_err(|e| MediaError::Ffmpeg(format!("flushing frames: {e}")))?;
+        match self.video.error() {
+            Some(e) => Err(MediaError::Ffmpeg(format!("writing to ffmpeg: {e}"))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    /// Close the input, wait for ffmpeg to finish the file, and report its errors if it failed.
+    /// Close the inputs, wait for ffmpeg to finish the file, and report its errors if it failed.
     pub fn finish(mut self) -> Result<VideoSummary> {
-        drop(self.stdin.take());
-        let status = self
-            .child
-            .wait()
-            .map_err(|e| MediaError::Ffmpeg(format!("waiting for ffmpeg: {e}")))?;
-        let errors = self
-            .events
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
+        let (status, errors) = self.shut_down(false);
+        let status = status.map_err(|e| MediaError::Ffmpeg(format!("waiting for ffmpeg: {e}")))?;
         if !status.success() {
             return Err(MediaError::Ffmpeg(format!(
                 "exit status {status} writing {}: {}",
@@ -308,40 +348,45 @@ impl Mp4Writer {
 
     /// Kill ffmpeg without letting it finalise (what a crash of ffmpeg leaves behind).
     pub fn kill(mut self) -> Result<()> {
-        drop(self.stdin.take());
-        self.child
-            .kill()
-            .map_err(|e| MediaError::Ffmpeg(format!("killing ffmpeg: {e}")))?;
-        let _ = self.child.wait();
-        Ok(())
+        let (status, _) = self.shut_down(true);
+        status
+            .map(|_| ())
+            .map_err(|e| MediaError::Ffmpeg(format!("killing ffmpeg: {e}")))
     }
 
-    /// After a failed write: stop feeding, wait, and collect what ffmpeg said.
-    fn close_log(&mut self) -> String {
-        drop(self.stdin.take());
-        let _ = self.child.wait();
+    /// End of input (or a kill), then ffmpeg's exit, then the feeder threads and the log.
+    fn shut_down(
+        &mut self,
+        kill: bool,
+    ) -> (std::io::Result<std::process::ExitStatus>, Vec<String>) {
+        self.done = true;
+        if kill {
+            let _ = self.child.kill();
+        }
+        self.video.close();
+        if let Some((feeder, _, _)) = self.audio.as_mut() {
+            feeder.close();
+        }
+        let status = self.child.wait();
+        self.video.join(None);
+        if let Some((feeder, fifo, _)) = self.audio.as_mut() {
+            feeder.join(Some(&fifo.path));
+        }
         let errors = self
             .events
             .take()
             .and_then(|h| h.join().ok())
             .unwrap_or_default();
-        if errors.is_empty() {
-            "ffmpeg exited".into()
-        } else {
-            errors.join("; ")
-        }
+        (status, errors)
     }
 }
 
 impl Drop for Mp4Writer {
-    /// Closing stdin lets ffmpeg finalise what it has: an abandoned writer still leaves a
+    /// Closing the inputs lets ffmpeg finalise what it has: an abandoned writer still leaves a
     /// playable file.
     fn drop(&mut self) {
-        if self.stdin.take().is_some() {
-            let _ = self.child.wait();
-        }
-        if let Some(h) = self.events.take() {
-            let _ = h.join();
+        if !self.done {
+            let _ = self.shut_down(false);
         }
     }
 }

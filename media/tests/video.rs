@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use media::MediaError;
 use media::image::load_reference_image;
-use media::video::{Mp4Options, Mp4Writer, rgb24_from_chw, write_wav_i16};
+use media::video::{AudioIn, Mp4Options, Mp4Writer, rgb24_from_chw, write_wav_i16};
 use planner::size::{AspectSource, SizeArg, resolve};
 
 fn data(name: &str) -> PathBuf {
@@ -118,7 +118,7 @@ fn mp4_with_audio_has_the_right_size_rate_duration_and_streams() {
     let out = tmp("av.mp4");
     let (h, w) = (64usize, 96usize);
     let mut opts = Mp4Options::new(w as u32, h as u32);
-    opts.audio = Some(audio);
+    opts.audio = AudioIn::File(audio);
     let mut wr = Mp4Writer::create(&out, &opts).unwrap();
     // 4 blocks of 12 frames as [3, T, H, W] plus 2 single frames: 50 frames = 2.00 s.
     for b in 0..4 {
@@ -160,7 +160,7 @@ fn mp4_with_audio_has_the_right_size_rate_duration_and_streams() {
 fn known_frame_count_cuts_the_audio_to_the_video() {
     let out = tmp("av-exact.mp4");
     let mut opts = Mp4Options::new(64, 64);
-    opts.audio = Some(speech("speech-exact.wav"));
+    opts.audio = AudioIn::File(speech("speech-exact.wav"));
     opts.expected_frames = Some(45);
     let mut wr = Mp4Writer::create(&out, &opts).unwrap();
     for t in 0..45 {
@@ -267,7 +267,7 @@ fn audio_is_advanced_by_three_frames() {
     for (skip, want) in [(3u32, 0.40f64), (0, 0.52)] {
         let out = tmp(&format!("click{skip}.mp4"));
         let mut opts = Mp4Options::new(64, 64);
-        opts.audio = Some(wav.clone());
+        opts.audio = AudioIn::File(wav.clone());
         opts.audio_skip_frames = skip;
         let mut wr = Mp4Writer::create(&out, &opts).unwrap();
         for t in 0..40 {
@@ -306,7 +306,7 @@ fn finished_blocks_are_on_disk_while_writing() {
     let out = tmp("progressive.mp4");
     let (h, w) = (64usize, 64usize);
     let mut opts = Mp4Options::new(w as u32, h as u32);
-    opts.audio = Some(speech("speech-progressive.wav"));
+    opts.audio = AudioIn::File(speech("speech-progressive.wav"));
     let mut wr = Mp4Writer::create(&out, &opts).unwrap();
     for t in 0..36 {
         wr.write_chw(&pattern(t, h, w)).unwrap();
@@ -374,7 +374,7 @@ fn missing_ffmpeg_and_bad_input_are_clear_errors() {
     assert!(e.to_string().contains("even"), "{e}");
 
     let mut opts = Mp4Options::new(64, 64);
-    opts.audio = Some(tmp("no-such-audio.wav"));
+    opts.audio = AudioIn::File(tmp("no-such-audio.wav"));
     assert!(matches!(
         Mp4Writer::create(&tmp("noaudio.mp4"), &opts).unwrap_err(),
         MediaError::Io { .. }
@@ -411,4 +411,123 @@ fn an_unwritable_output_is_an_ffmpeg_error_with_its_message() {
         err.to_string().contains("No such file or directory"),
         "{err}"
     );
+}
+
+/// Decoded speech as interleaved f32 (for the live-audio tests).
+fn speech_pcm(name: &str) -> (Vec<f32>, u32, u16) {
+    let a = media::audio::decode_file(&speech(name)).unwrap();
+    (a.samples, a.sample_rate, a.channels as u16)
+}
+
+#[test]
+fn live_audio_in_any_order_gives_a_complete_file() {
+    let (pcm, rate, ch) = speech_pcm("speech-live.wav");
+    let per_frame = (rate / 25) as usize * usize::from(ch);
+    // Interleaved as a live server would, all audio first, all video first.
+    for order in ["interleaved", "audio-first", "video-first"] {
+        let out = tmp(&format!("live-{order}.mp4"));
+        let mut opts = Mp4Options::new(64, 64);
+        opts.audio = AudioIn::Live {
+            sample_rate: rate,
+            channels: ch,
+        };
+        let mut wr = Mp4Writer::create(&out, &opts).unwrap();
+        let chunks: Vec<&[f32]> = pcm.chunks(per_frame).collect();
+        match order {
+            "interleaved" => {
+                for (t, c) in chunks.iter().take(50).enumerate() {
+                    wr.write_audio(c).unwrap();
+                    wr.write_chw(&pattern(t, 64, 64)).unwrap();
+                }
+                for c in &chunks[50..] {
+                    wr.write_audio(c).unwrap();
+                }
+            }
+            "audio-first" => {
+                wr.write_audio(&pcm).unwrap();
+                for t in 0..50 {
+                    wr.write_chw(&pattern(t, 64, 64)).unwrap();
+                }
+            }
+            _ => {
+                for t in 0..50 {
+                    wr.write_chw(&pattern(t, 64, 64)).unwrap();
+                }
+                wr.write_audio(&pcm).unwrap();
+            }
+        }
+        wr.finish().unwrap();
+        let p = ffprobe(&out, true);
+        let v = stream(&p, "video").unwrap();
+        assert_eq!(num(&v["nb_read_frames"]), 50.0, "{order}");
+        let a = stream(&p, "audio").expect("an audio stream");
+        assert_eq!(a["codec_name"], "aac");
+        let end = num(&a["start_time"]) + num(&a["duration"]);
+        assert!((1.95..2.3).contains(&end), "{order}: audio ends at {end}");
+    }
+}
+
+#[test]
+fn live_audio_gets_the_same_three_frame_advance() {
+    let rate = 16000u32;
+    let mut pcm = vec![0f32; rate as usize * 2];
+    let click = (0.52 * f64::from(rate)) as usize;
+    for s in &mut pcm[click..click + 16] {
+        *s = 0.9;
+    }
+    let out = tmp("click-live.mp4");
+    let mut opts = Mp4Options::new(64, 64);
+    opts.audio = AudioIn::Live {
+        sample_rate: rate,
+        channels: 1,
+    };
+    opts.expected_frames = Some(40);
+    let mut wr = Mp4Writer::create(&out, &opts).unwrap();
+    for (t, chunk) in pcm.chunks(640).enumerate() {
+        wr.write_audio(chunk).unwrap();
+        if t < 40 {
+            wr.write_chw(&pattern(t, 64, 64)).unwrap();
+        }
+    }
+    wr.finish().unwrap();
+    let dec = Command::new(tool("ffmpeg"))
+        .args(["-v", "error", "-i"])
+        .arg(&out)
+        .args(["-vn", "-ac", "1", "-ar", "16000", "-f", "f32le", "-"])
+        .output()
+        .unwrap();
+    let s: Vec<f32> = dec
+        .stdout
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let start = num(&stream(&ffprobe(&out, false), "audio").unwrap()["start_time"]);
+    let peak = s
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+        .map(|(i, _)| i as f64 / 16000.0 + start)
+        .unwrap();
+    assert!((peak - 0.40).abs() < 0.005, "click at {peak} s");
+}
+
+#[test]
+fn live_audio_misuse_is_an_error() {
+    let mut wr = Mp4Writer::create(&tmp("no-live.mp4"), &Mp4Options::new(64, 64)).unwrap();
+    assert!(
+        wr.write_audio(&[0.0; 4]).is_err(),
+        "no live audio configured"
+    );
+    wr.write_chw(&pattern(0, 64, 64)).unwrap();
+    wr.finish().unwrap();
+    let mut opts = Mp4Options::new(64, 64);
+    opts.audio = AudioIn::Live {
+        sample_rate: 16000,
+        channels: 2,
+    };
+    let mut wr = Mp4Writer::create(&tmp("live-odd.mp4"), &opts).unwrap();
+    assert!(wr.write_audio(&[0.0; 3]).is_err(), "half a stereo frame");
+    wr.write_audio(&[0.0; 3200]).unwrap();
+    wr.write_chw(&pattern(0, 64, 64)).unwrap();
+    wr.finish().unwrap();
 }
