@@ -13,7 +13,7 @@ use runtime::parallel::tp::block_hint;
 use runtime::parallel::ulysses::{pad_to, sdpa};
 use runtime::parallel::{
     Attention, ColumnParallel, Coord, FlatLayout, Groups, Mesh, RowParallel, SeqShard, Shard,
-    ShardedRmsNorm, ShardedUnit, SharedComm, StageBoundary, UlyssesKv,
+    ShardedRmsNorm, ShardedUnit, SharedComm, StageBoundary, UlyssesKv, scatter_from, shard_of,
 };
 use runtime::testing::{Rng, compare, tolerance};
 use runtime::{DType, Device, Result, Tensor};
@@ -463,4 +463,39 @@ fn ulysses_refuses_heads_that_do_not_split() {
         e.to_string()
     });
     assert!(out.iter().all(|m| m.contains("3 heads")), "{out:?}");
+}
+
+#[test]
+fn weights_read_once_are_scattered_by_their_hints() {
+    let mut rng = Rng::new(77);
+    let full = randn(&mut rng, &[6, 4], DType::BF16);
+    let f2 = full.clone();
+    let out = on_threads(3, move |comm| {
+        let root = 1;
+        let mine = (comm.rank() == root).then_some(&f2);
+        let shape = f2.shape().clone();
+        let rows = scatter_from(comm.as_ref(), root, mine, &shape, DType::BF16, Some(0)).unwrap();
+        let whole = scatter_from(comm.as_ref(), root, mine, &shape, DType::BF16, None).unwrap();
+        // Columns: 4 does not split 3 ways, and every rank finds out before any data moves.
+        let cols = scatter_from(comm.as_ref(), root, mine, &shape, DType::BF16, Some(1));
+        (
+            rows.to_bytes().unwrap(),
+            whole.to_bytes().unwrap(),
+            cols.is_err(),
+        )
+    });
+    for (rank, (rows, whole, cols_err)) in out.into_iter().enumerate() {
+        let want = shard_of(
+            &full,
+            Shard {
+                dim: 0,
+                rank,
+                world: 3,
+            },
+        )
+        .unwrap();
+        assert_eq!(rows, want.to_bytes().unwrap(), "rank {rank}");
+        assert_eq!(whole, full.to_bytes().unwrap(), "rank {rank}");
+        assert!(cols_err, "rank {rank}");
+    }
 }

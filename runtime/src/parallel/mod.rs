@@ -34,7 +34,7 @@ pub use tp::{ColumnParallel, RowParallel, ShardedRmsNorm, TpAttention};
 pub use ulysses::{Attention, SeqShard, UlyssesKv};
 
 use crate::comm::Comm;
-use crate::{Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Shape, Tensor};
 
 /// A communicator shared by the layers of one rank.
 pub type SharedComm = Arc<dyn Comm>;
@@ -58,6 +58,66 @@ pub fn shard_of(x: &Tensor, hint: Shard) -> Result<Tensor> {
     }
     let part = n / hint.world;
     x.narrow(hint.dim, hint.rank * part, part)
+}
+
+/// Weights read once and scattered (a rank whose node lacks the checkpoint): `root` passes
+/// the full tensor, the others `None`; everyone passes its full `shape` and `dtype`. Returns
+/// this rank's part along `dim` (cut like [`shard_of`]), or the whole tensor for `None`
+/// (replicated). Collective over `comm`, point to point from the root.
+pub fn scatter_from(
+    comm: &dyn Comm,
+    root: usize,
+    full: Option<&Tensor>,
+    shape: &Shape,
+    dtype: DType,
+    dim: Option<usize>,
+) -> Result<Tensor> {
+    let (rank, world) = (comm.rank(), comm.world());
+    let mine = rank == root;
+    let bad = |msg: String| Error::invalid("scatter_from", msg);
+    match (mine, full) {
+        (true, None) => return Err(bad(format!("root {root} has no tensor to scatter"))),
+        (false, Some(_)) => return Err(bad(format!("rank {rank} is not the root {root}"))),
+        (true, Some(t)) if t.shape() != shape || t.dtype() != dtype => {
+            return Err(bad(format!(
+                "root tensor {:?} {:?}, expected {shape:?} {dtype:?}",
+                t.shape(),
+                t.dtype()
+            )));
+        }
+        _ => {}
+    }
+    let Some(dim) = dim else {
+        let x = match full {
+            Some(t) => t.clone(),
+            None => Tensor::zeros(shape.clone(), dtype, &Device::Cpu)?,
+        };
+        return comm.broadcast(&x, root);
+    };
+    let hint = |r| Shard {
+        dim,
+        rank: r,
+        world,
+    };
+    match full {
+        Some(t) => {
+            for r in (0..world).filter(|&r| r != root) {
+                comm.send(&shard_of(t, hint(r))?, r)?;
+            }
+            shard_of(t, hint(root))
+        }
+        None => {
+            let n = shape.dim(dim)?;
+            if !n.is_multiple_of(world) {
+                return Err(bad(format!(
+                    "dim {dim} of {shape:?} does not split {world} ways"
+                )));
+            }
+            let mut part = shape.dims().to_vec();
+            part[dim] = n / world;
+            comm.recv(&Shape::from(part), dtype, root)
+        }
+    }
 }
 
 /// Degrees of one job's DiT layout: TPP stages × layer-pipeline sub-stages × Ulysses × TP.
