@@ -153,3 +153,18 @@ fn vae_cache_bytes_match_planner() -> Result<()> {
     assert_eq!(stream.cache_usage(), (32, bytes as usize));
     Ok(())
 }
+
+/// The 73-frame motion context of one image gives 19 latents, and causality holds: the first
+/// latent is the encoding of the image alone (the reference latent of §4.6).
+#[test]
+fn vae_motion_context_is_causal() -> Result<()> {
+    let golden = PthFile::open(fixtures().join("golden.pth"))?;
+    let vae = load(DType::F32)?;
+    let frame = golden.tensor("video", &Device::Cpu)?.narrow(2, 0, 1)?;
+    let motion = vae.encode_repeated(&frame, 73)?;
+    assert_eq!(motion.dims(), &[1, 16, 19, 4, 6]);
+    let alone = vae.encode_repeated(&frame, 1)?;
+    assert_eq!(motion.narrow(2, 0, 1)?.to_vec_f32()?, alone.to_vec_f32()?);
+    assert!(vae.encode_repeated(&frame, 0).is_err());
+    Ok(())
+}

@@ -67,3 +67,22 @@ fn wav2vec2_parameters_match_planner() -> Result<()> {
     );
     Ok(())
 }
+
+/// The same weights from `pytorch_model.bin` (a torch.save zip) give the same hidden states.
+#[test]
+fn wav2vec2_loads_pytorch_model_bin() -> Result<()> {
+    let dir = fixtures().with_file_name("wav2vec2_tiny_bin");
+    let a = Wav2Vec2::load_dir(fixtures(), DType::F32, Device::Cpu)?;
+    let b = Wav2Vec2::load_dir(&dir, DType::F32, Device::Cpu)?;
+    let wav: Vec<f32> = (0..3000)
+        .map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0)
+        .collect();
+    assert_eq!(
+        a.hidden_states(&wav)?.to_vec_f32()?,
+        b.hidden_states(&wav)?.to_vec_f32()?
+    );
+    assert!(
+        Wav2Vec2::load_dir(fixtures().with_file_name("nope"), DType::F32, Device::Cpu).is_err()
+    );
+    Ok(())
+}

@@ -142,6 +142,11 @@ def make_w2v() -> None:
     sd["lm_head.weight"] = torch.randn(32, cfg.hidden, generator=gen)
     sd["lm_head.bias"] = torch.zeros(32)
     save_file(sd, out / "model.safetensors")
+    # The same weights as a pytorch_model.bin folder (the other layout HF folders have).
+    bin_dir = FIX / "wav2vec2_tiny_bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "config.json").write_text((out / "config.json").read_text())
+    save_pth(sd, bin_dir / "pytorch_model.bin")
     # 0.5 s of normalised noise-like audio: T50 = (8000 − 400) // 320 + 1 = 24 frames.
     wav = torch.randn(1, 8000, generator=gen)
     with torch.no_grad():

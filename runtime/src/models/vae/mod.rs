@@ -199,6 +199,19 @@ impl WanVae {
         mu.sub(&self.mean)?.mul(&self.inv_std)
     }
 
+    /// Encode one frame `[1, 3, 1, H, W]` repeated `n = 1 + 4k` times: the reference image
+    /// (n = 1) and the 73-frame motion context (19 latents) of model-spec §4.6 and §10.2.
+    pub fn encode_repeated(&self, frame: &Tensor, n: usize) -> Result<Tensor> {
+        if frame.dims5()?.2 != 1 || n == 0 {
+            return Err(Error::invalid(
+                "vae encode_repeated",
+                format!("frame {:?} × {n}: want one frame, n ≥ 1", frame.dims()),
+            ));
+        }
+        let copies: Vec<&Tensor> = std::iter::repeat_n(frame, n).collect();
+        self.encode(&Tensor::cat(&copies, 2)?)
+    }
+
     /// Decode latents `z` `[1, z, n, h, w]` (normalised) one at a time through `stream`'s
     /// caches: `[1, 3, frames, 8h, 8w]` f32 in [−1, 1], frames = 4n, or 4n − 3 when these are
     /// the stream's first latents.
