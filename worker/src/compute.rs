@@ -79,7 +79,7 @@ pub type Failure = (ErrorKind, String);
 #[derive(Debug)]
 pub enum Command {
     /// Prove the thread is alive and its device answers.
-    Probe(oneshot::Sender<Probe>),
+    Probe(oneshot::Sender<Result<Probe, String>>),
     /// Form this rank's communicator (blocks until every rank has joined), check it with a
     /// barrier, and keep it for the model. Replies with a description of the communicator.
     Connect {
@@ -115,10 +115,24 @@ impl Compute {
             );
         }
         let (tx, rx) = mpsc::channel();
+        let (opened_tx, opened) = mpsc::sync_channel(1);
         let join = std::thread::Builder::new()
             .name(format!("compute-r{rank}"))
-            .spawn(move || run(device, rx))
+            .spawn(move || {
+                // The device is opened on the thread that will use it; a failure ends here.
+                let result = open(device);
+                let ok = result.is_ok();
+                let _ = opened_tx.send(result);
+                if ok {
+                    run(device, rx);
+                }
+            })
             .map_err(|e| format!("starting the compute thread: {e}"))?;
+        match opened.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("the compute thread died while opening the device".into()),
+        }
         Ok(Compute {
             tx,
             join: Some(join),
@@ -145,6 +159,25 @@ impl Compute {
             std::thread::sleep(Duration::from_millis(5));
         }
         join.join().is_ok()
+    }
+}
+
+/// The runtime's name for `device`.
+fn runtime_device(device: Device) -> runtime::Device {
+    match device {
+        Device::Cpu => runtime::Device::Cpu,
+        Device::Cuda(o) => runtime::Device::Cuda(usize::try_from(o).unwrap_or(usize::MAX)),
+    }
+}
+
+/// Creates the device's context (CUDA: context, stream, kernels) so that a missing library or
+/// GPU stops the worker before it registers.
+fn open(device: Device) -> Result<(), String> {
+    match runtime_device(device) {
+        runtime::Device::Cpu => Ok(()),
+        runtime::Device::Cuda(o) => runtime::Device::cuda_if_available(o)
+            .map(|_| ())
+            .map_err(|e| format!("opening cuda:{o}: {e}")),
     }
 }
 
@@ -187,9 +220,12 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
     }
 }
 
-/// The device check of an expensive health probe. On the CPU backend the thread answering is
-/// the check; a CUDA build would allocate and synchronise on the device here.
-fn probe(device: Device, comm: Option<&SocketComm>) -> Probe {
+/// The device check of an expensive health probe: the compute thread answering, and on CUDA
+/// a synchronisation of the device's stream (a wedged or lost GPU fails it).
+fn probe(device: Device, comm: Option<&SocketComm>) -> Result<Probe, String> {
+    runtime_device(device)
+        .synchronize()
+        .map_err(|e| format!("{}:{}: {e}", device.kind(), device.ordinal()))?;
     let mut detail = format!(
         "{}:{} compute thread answered",
         device.kind(),
@@ -202,7 +238,7 @@ fn probe(device: Device, comm: Option<&SocketComm>) -> Probe {
             c.world()
         ));
     }
-    Probe { detail }
+    Ok(Probe { detail })
 }
 
 /// The CPU socket communicator (the control plane refuses multi-rank CUDA jobs before this).
@@ -250,7 +286,7 @@ mod tests {
         let compute = Compute::start(0, Device::Cpu).unwrap();
         let (tx, rx) = oneshot::channel();
         compute.sender().send(Command::Probe(tx)).unwrap();
-        let probe = rx.blocking_recv().unwrap();
+        let probe = rx.blocking_recv().unwrap().unwrap();
         assert!(probe.detail.starts_with("cpu:0"), "{}", probe.detail);
         assert!(compute.stop(Duration::from_secs(5)));
     }
@@ -289,7 +325,13 @@ mod tests {
         }
         let (tx, rx) = oneshot::channel();
         computes[1].sender().send(Command::Probe(tx)).unwrap();
-        assert!(rx.blocking_recv().unwrap().detail.ends_with("rank 1 of 3"));
+        assert!(
+            rx.blocking_recv()
+                .unwrap()
+                .unwrap()
+                .detail
+                .ends_with("rank 1 of 3")
+        );
         for c in computes {
             assert!(c.stop(Duration::from_secs(5)));
         }

@@ -367,7 +367,10 @@ impl pb::worker_server::Worker for WorkerService {
                 .send(Command::Probe(tx))
                 .map_err(|_| s.err(ErrorKind::Internal, "compute thread has exited"))?;
             let probe = match tokio::time::timeout(PROBE_TIMEOUT, rx).await {
-                Ok(Ok(probe)) => probe,
+                Ok(Ok(Ok(probe))) => probe,
+                Ok(Ok(Err(e))) => {
+                    return Err(s.err(ErrorKind::Internal, format!("device check failed: {e}")));
+                }
                 Ok(Err(_)) => {
                     return Err(s.err(ErrorKind::Internal, "compute thread dropped the probe"));
                 }
