@@ -474,10 +474,36 @@ fn weights_read_once_are_scattered_by_their_hints() {
         let root = 1;
         let mine = (comm.rank() == root).then_some(&f2);
         let shape = f2.shape().clone();
-        let rows = scatter_from(comm.as_ref(), root, mine, &shape, DType::BF16, Some(0)).unwrap();
-        let whole = scatter_from(comm.as_ref(), root, mine, &shape, DType::BF16, None).unwrap();
+        let rows = scatter_from(
+            comm.as_ref(),
+            root,
+            mine,
+            &shape,
+            DType::BF16,
+            Some(0),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let whole = scatter_from(
+            comm.as_ref(),
+            root,
+            mine,
+            &shape,
+            DType::BF16,
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
         // Columns: 4 does not split 3 ways, and every rank finds out before any data moves.
-        let cols = scatter_from(comm.as_ref(), root, mine, &shape, DType::BF16, Some(1));
+        let cols = scatter_from(
+            comm.as_ref(),
+            root,
+            mine,
+            &shape,
+            DType::BF16,
+            Some(1),
+            &Device::Cpu,
+        );
         (
             rows.to_bytes().unwrap(),
             whole.to_bytes().unwrap(),

@@ -63,7 +63,8 @@ pub fn shard_of(x: &Tensor, hint: Shard) -> Result<Tensor> {
 /// Weights read once and scattered (a rank whose node lacks the checkpoint): `root` passes
 /// the full tensor, the others `None`; everyone passes its full `shape` and `dtype`. Returns
 /// this rank's part along `dim` (cut like [`shard_of`]), or the whole tensor for `None`
-/// (replicated). Collective over `comm`, point to point from the root.
+/// (replicated), on the communicator's `device`. Collective over `comm`, point to point from
+/// the root.
 pub fn scatter_from(
     comm: &dyn Comm,
     root: usize,
@@ -71,6 +72,7 @@ pub fn scatter_from(
     shape: &Shape,
     dtype: DType,
     dim: Option<usize>,
+    device: &Device,
 ) -> Result<Tensor> {
     let (rank, world) = (comm.rank(), comm.world());
     let mine = rank == root;
@@ -90,7 +92,7 @@ pub fn scatter_from(
     let Some(dim) = dim else {
         let x = match full {
             Some(t) => t.clone(),
-            None => Tensor::zeros(shape.clone(), dtype, &Device::Cpu)?,
+            None => Tensor::zeros(shape.clone(), dtype, device)?,
         };
         return comm.broadcast(&x, root);
     };
