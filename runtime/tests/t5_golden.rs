@@ -18,7 +18,7 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/t5_tiny")
 }
 
-fn load() -> Result<T5Encoder> {
+fn load(dev: &Device) -> Result<T5Encoder> {
     let spec = ModelSpec::builtin("tiny").expect("tiny spec");
     let cfg = T5Config {
         vocab: 1024,
@@ -29,11 +29,10 @@ fn load() -> Result<T5Encoder> {
         ckpt.info("token_embedding.weight").map(|i| i.dtype),
         Some(DType::BF16)
     );
-    T5Encoder::load(&VarsRoot::new(&ckpt, DType::F32, Device::Cpu), cfg)
+    T5Encoder::load(&VarsRoot::new(&ckpt, DType::F32, *dev), cfg)
 }
 
-#[test]
-fn t5_encoder_matches_reference() -> Result<()> {
+fn t5_encoder_matches_reference(dev: &Device) -> Result<()> {
     let golden = PthFile::open(fixtures().join("golden.pth"))?;
     let ids: Vec<u32> = golden
         .tensor("ids", &Device::Cpu)?
@@ -46,7 +45,7 @@ fn t5_encoder_matches_reference() -> Result<()> {
         .to_vec_f32()?
         .iter()
         .sum::<f32>() as usize;
-    let out = load()?.forward(&ids[..real])?;
+    let out = load(dev)?.forward(&ids[..real])?;
     let want = golden.tensor("output", &Device::Cpu)?;
     assert_eq!(out.dims(), &want.dims()[1..]);
     let c = compare(&out.to_vec_f32()?, &want.to_vec_f32()?);
@@ -55,6 +54,11 @@ fn t5_encoder_matches_reference() -> Result<()> {
     assert!(c.passes(tol), "{}", c.report("t5 output", tol));
     Ok(())
 }
+runtime::test_device!(
+    t5_encoder_matches_reference,
+    t5_encoder_matches_reference_cpu,
+    t5_encoder_matches_reference_cuda
+);
 
 #[test]
 fn t5_relative_buckets() {
@@ -70,7 +74,7 @@ fn t5_relative_buckets() {
 
 #[test]
 fn t5_rejects_bad_ids() -> Result<()> {
-    let t5 = load()?;
+    let t5 = load(&Device::Cpu)?;
     assert!(t5.forward(&[]).is_err());
     assert!(t5.forward(&[3, 1024]).is_err());
     Ok(())

@@ -17,10 +17,10 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vae_tiny")
 }
 
-fn load(act: DType) -> Result<WanVae> {
+fn load(act: DType, dev: &Device) -> Result<WanVae> {
     let spec = ModelSpec::builtin("tiny").expect("tiny spec");
     let ckpt = PthFile::open(fixtures().join("Wan2.1_VAE.pth"))?;
-    let root = VarsRoot::new(&ckpt, act, Device::Cpu);
+    let root = VarsRoot::new(&ckpt, act, *dev);
     WanVae::load(&root, VaeConfig::from_spec(&spec.vae)?)
 }
 
@@ -35,11 +35,10 @@ fn check(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) -> f32 {
     c.rel_l2
 }
 
-#[test]
-fn vae_encode_matches_reference() -> Result<()> {
+fn vae_encode_matches_reference(dev: &Device) -> Result<()> {
     let golden = PthFile::open(fixtures().join("golden.pth"))?;
-    let vae = load(DType::F32)?;
-    let video = golden.tensor("video", &Device::Cpu)?;
+    let vae = load(DType::F32, dev)?;
+    let video = golden.tensor("video", dev)?;
     let latents = vae.encode(&video)?;
     check(
         "encode latents",
@@ -49,14 +48,18 @@ fn vae_encode_matches_reference() -> Result<()> {
     );
     Ok(())
 }
+runtime::test_device!(
+    vae_encode_matches_reference,
+    vae_encode_matches_reference_cpu,
+    vae_encode_matches_reference_cuda
+);
 
 /// Seven latents through one stream in calls of 2 (priming), 3 and 2 latents; each call's
 /// frames compared frame by frame.
-#[test]
-fn vae_stream_decode_matches_reference() -> Result<()> {
+fn vae_stream_decode_matches_reference(dev: &Device) -> Result<()> {
     let golden = PthFile::open(fixtures().join("golden.pth"))?;
-    let vae = load(DType::F32)?;
-    let z = golden.tensor("z", &Device::Cpu)?;
+    let vae = load(DType::F32, dev)?;
+    let z = golden.tensor("z", dev)?;
     let mut stream = DecodeStream::new();
     for (i, (a, n)) in [(0, 2), (2, 3), (5, 2)].into_iter().enumerate() {
         let frames = vae.decode_stream(&mut stream, &z.narrow(2, a, n)?)?;
@@ -76,6 +79,11 @@ fn vae_stream_decode_matches_reference() -> Result<()> {
     assert_eq!(stream.cache_usage().0, 32);
     Ok(())
 }
+runtime::test_device!(
+    vae_stream_decode_matches_reference,
+    vae_stream_decode_matches_reference_cpu,
+    vae_stream_decode_matches_reference_cuda
+);
 
 /// The bf16 dtype flow (norm/SiLU in f32, conv inputs rounded to bf16) against the
 /// reference's bf16 mode. bf16 decoding is chaotic at the 1e-2 level (a 1e-6 relative change
@@ -83,11 +91,10 @@ fn vae_stream_decode_matches_reference() -> Result<()> {
 /// tolerance plus being nearer the bf16 reference than the f32 one (the roundings happen),
 /// on the first call only: later calls drift apart through the caches as far as a random
 /// 1e-6 perturbation would move them.
-#[test]
-fn vae_stream_decode_bf16_flow_matches_reference() -> Result<()> {
+fn vae_stream_decode_bf16_flow_matches_reference(dev: &Device) -> Result<()> {
     let golden = PthFile::open(fixtures().join("golden.pth"))?;
-    let vae = load(DType::BF16)?;
-    let z = golden.tensor("z", &Device::Cpu)?;
+    let vae = load(DType::BF16, dev)?;
+    let z = golden.tensor("z", dev)?;
     let mut stream = DecodeStream::new();
     {
         let i = 0;
@@ -111,10 +118,15 @@ fn vae_stream_decode_bf16_flow_matches_reference() -> Result<()> {
     }
     Ok(())
 }
+runtime::test_device!(
+    vae_stream_decode_bf16_flow_matches_reference,
+    vae_stream_decode_bf16_flow_matches_reference_cpu,
+    vae_stream_decode_bf16_flow_matches_reference_cuda
+);
 
 #[test]
 fn vae_rejects_bad_inputs() -> Result<()> {
-    let vae = load(DType::F32)?;
+    let vae = load(DType::F32, &Device::Cpu)?;
     let dev = Device::Cpu;
     // 6 frames is not 1 + 4k.
     let v = Tensor::zeros((1, 3, 6, 32, 48), DType::F32, &dev)?;
@@ -144,7 +156,7 @@ fn vae_parameters_match_planner() -> Result<()> {
 #[test]
 fn vae_cache_bytes_match_planner() -> Result<()> {
     let spec = ModelSpec::builtin("tiny").expect("tiny spec");
-    let vae = load(DType::BF16)?;
+    let vae = load(DType::BF16, &Device::Cpu)?;
     let z = Tensor::zeros((1, 16, 3, 4, 6), DType::F32, &Device::Cpu)?;
     let mut stream = DecodeStream::new();
     vae.decode_stream(&mut stream, &z)?;
@@ -159,7 +171,7 @@ fn vae_cache_bytes_match_planner() -> Result<()> {
 #[test]
 fn vae_motion_context_is_causal() -> Result<()> {
     let golden = PthFile::open(fixtures().join("golden.pth"))?;
-    let vae = load(DType::F32)?;
+    let vae = load(DType::F32, &Device::Cpu)?;
     let frame = golden.tensor("video", &Device::Cpu)?.narrow(2, 0, 1)?;
     let motion = vae.encode_repeated(&frame, 73)?;
     assert_eq!(motion.dims(), &[1, 16, 19, 4, 6]);

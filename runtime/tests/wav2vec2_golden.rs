@@ -16,10 +16,9 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/wav2vec2_tiny")
 }
 
-#[test]
-fn wav2vec2_hidden_states_match_reference() -> Result<()> {
+fn wav2vec2_hidden_states_match_reference(dev: &Device) -> Result<()> {
     let golden = PthFile::open(fixtures().join("golden.pth"))?;
-    let model = Wav2Vec2::load_dir(fixtures(), DType::F32, Device::Cpu)?;
+    let model = Wav2Vec2::load_dir(fixtures(), DType::F32, *dev)?;
     let spec = planner::spec::ModelSpec::builtin("tiny").expect("tiny spec");
     assert_eq!(model.config().num_layers as u64, spec.wav2vec2.num_layers);
     assert_eq!(model.config().hidden as u64, spec.wav2vec2.hidden);
@@ -41,6 +40,11 @@ fn wav2vec2_hidden_states_match_reference() -> Result<()> {
     }
     Ok(())
 }
+runtime::test_device!(
+    wav2vec2_hidden_states_match_reference,
+    wav2vec2_hidden_states_match_reference_cpu,
+    wav2vec2_hidden_states_match_reference_cuda
+);
 
 #[test]
 fn wav2vec2_rejects_too_short_audio() -> Result<()> {
