@@ -20,6 +20,7 @@ use super::{
     AttnSpec, BackendStorage, BinaryOp, BroadcastLayout, Conv1dSpec, Conv3dSpec, CpuStorage,
     Device, GemmSpec, ReduceOp, TernaryOp, UnaryOp,
 };
+use crate::memory::{Allocation, Category, MemoryTracker};
 use crate::{DType, Error, F8E4M3, Result};
 
 /// One GPU's handles.
@@ -30,6 +31,8 @@ pub(crate) struct CudaDev {
     stream: Arc<CudaStream>,
     kernels: Kernels,
     lt: Lt,
+    /// cuBLASLt's workspace, charged to [`Category::Workspace`] for the device's lifetime.
+    _lt_charge: Allocation,
     /// cuDNN's fused attention, or why it is not available (`LAVA_ATTENTION=own` turns it
     /// off; the project's own kernel then runs).
     #[cfg(feature = "cudnn")]
@@ -59,6 +62,8 @@ impl CudaDev {
         let stream = ctx.new_stream().map_err(ce)?;
         let kernels = Kernels::load(&ctx).map_err(ke)?;
         let lt = Lt::new(Arc::clone(&stream), true).map_err(ke)?;
+        let _lt_charge = MemoryTracker::for_device(&Device::Cuda(ordinal))
+            .allocate(Category::Workspace, kernels::gemm::WORKSPACE_BYTES)?;
         #[cfg(feature = "cudnn")]
         let cudnn = if std::env::var("LAVA_ATTENTION").is_ok_and(|v| v == "own") {
             Err("off (LAVA_ATTENTION=own)".to_string())
@@ -71,6 +76,7 @@ impl CudaDev {
             stream,
             kernels,
             lt,
+            _lt_charge,
             #[cfg(feature = "cudnn")]
             cudnn,
         })
@@ -92,6 +98,7 @@ impl CudaDev {
             dtype,
             len: elems,
             dev: Arc::clone(self),
+            charge: None,
         };
         if super::poison_outputs() {
             s.fill(f32::NAN)?;
@@ -206,6 +213,9 @@ pub struct CudaStorage {
     dtype: DType,
     len: usize,
     dev: Arc<CudaDev>,
+    /// Set on the backend's own temporaries (im2col columns, f32 accumulators, attention
+    /// scores), charged to [`Category::Workspace`]; tensors are charged by the tensor layer.
+    charge: Option<Allocation>,
 }
 
 impl CudaStorage {
@@ -227,6 +237,19 @@ impl CudaStorage {
     fn s(&self) -> &CudaStream {
         &self.dev.stream
     }
+    /// Charge this (temporary) buffer to the device's workspace accounting.
+    pub(super) fn charge_workspace(mut self) -> Result<Self> {
+        let bytes = self.len * self.dtype.size_in_bytes();
+        self.charge =
+            Some(MemoryTracker::for_device(&self.device()).allocate(Category::Workspace, bytes)?);
+        Ok(self)
+    }
+
+    /// A temporary buffer, charged to the workspace category while it lives.
+    pub(super) fn scratch(&self, elems: usize, dtype: DType) -> Result<CudaStorage> {
+        self.new_like(elems, dtype)?.charge_workspace()
+    }
+
     fn new_like(&self, elems: usize, dtype: DType) -> Result<CudaStorage> {
         self.dev.bind()?;
         self.dev.alloc(elems, dtype)
@@ -316,6 +339,7 @@ impl BackendStorage for CudaStorage {
             dtype,
             len: elems,
             dev: d,
+            charge: None,
         })
     }
 
@@ -332,6 +356,7 @@ impl BackendStorage for CudaStorage {
             dtype: src.dtype(),
             len: src.elem_count(),
             dev: d,
+            charge: None,
         })
     }
 
@@ -362,6 +387,7 @@ impl BackendStorage for CudaStorage {
             dtype: self.dtype,
             len: self.len,
             dev: Arc::clone(&self.dev),
+            charge: None,
         })
     }
 

@@ -21,7 +21,7 @@ fn out_of(s: &mut CudaStorage) -> Out<'_> {
 
 /// Cast to bf16 (exact for fp8 e4m3 values), used when cuBLASLt refuses an fp8 shape.
 fn widen_fp8(x: &CudaStorage) -> Result<CudaStorage> {
-    x.cast(DType::BF16, 1.0)
+    x.cast(DType::BF16, 1.0)?.charge_workspace()
 }
 
 pub(super) fn gemm(
@@ -74,7 +74,7 @@ pub(super) fn gemm(
             Err(e) => return Err(ke(e)),
         }
     }
-    let mut acc = a.new_like(spec.batch * m * n, DType::F32)?;
+    let mut acc = a.scratch(spec.batch * m * n, DType::F32)?;
     d.out = kernels::DType::F32;
     match dev
         .lt
@@ -159,8 +159,8 @@ pub(super) fn conv1d(
     let g = spec.groups.max(1);
     let (cig, cog, kk, l_out) = (spec.c_in / g, spec.c_out / g, spec.kernel, spec.l_out());
     let dev = &x.dev;
-    let mut col = x.new_like(spec.c_in * kk * l_out, x.dtype)?;
-    let mut acc = x.new_like(spec.batch * spec.c_out * l_out, DType::F32)?;
+    let mut col = x.scratch(spec.c_in * kk * l_out, x.dtype)?;
+    let mut acc = x.scratch(spec.batch * spec.c_out * l_out, DType::F32)?;
     let mut d = GemmDesc::new(
         kd(x.dtype),
         kernels::DType::F32,
@@ -217,8 +217,8 @@ pub(super) fn conv3d(
     let kvol: usize = spec.kernel.iter().product();
     let vin: usize = spec.c_in * spec.input.iter().product::<usize>();
     let dev = &x.dev;
-    let mut col = x.new_like(spec.c_in * kvol * p, x.dtype)?;
-    let mut acc = x.new_like(spec.batch * spec.c_out * p, DType::F32)?;
+    let mut col = x.scratch(spec.c_in * kvol * p, x.dtype)?;
+    let mut acc = x.scratch(spec.batch * spec.c_out * p, DType::F32)?;
     let d = GemmDesc::new(
         kd(x.dtype),
         kernels::DType::F32,
@@ -327,12 +327,17 @@ pub(super) fn attention(
     let v32 = if v.dtype == DType::F32 {
         None
     } else {
-        Some(v.cast(DType::F32, 1.0)?)
+        Some(v.cast(DType::F32, 1.0)?.charge_workspace()?)
     };
     let v32 = v32.as_ref().unwrap_or(v);
-    let mut o32 = q.new_like(b * lq * h * hd, DType::F32)?;
-    let mut scores = q.new_like(h * lq * lk, DType::F32)?;
-    let mut probs = q.new_like(h * lq * lk, DType::F32)?;
+    // o32 is the result itself when f32 is asked for (charged by the tensor layer).
+    let mut o32 = if spec.out == DType::F32 {
+        q.new_like(b * lq * h * hd, DType::F32)?
+    } else {
+        q.scratch(b * lq * h * hd, DType::F32)?
+    };
+    let mut scores = q.scratch(h * lq * lk, DType::F32)?;
+    let mut probs = q.scratch(h * lq * lk, DType::F32)?;
     for bi in 0..b {
         dev.lt
             .matmul_at(
@@ -353,7 +358,7 @@ pub(super) fn attention(
                     bi * h * lq * lk
                 };
                 let n = h * lq * lk;
-                let mut summed = q.new_like(n, DType::F32)?;
+                let mut summed = q.scratch(n, DType::F32)?;
                 dev.kernels
                     .binary(
                         &dev.stream,
