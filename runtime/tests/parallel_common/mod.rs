@@ -80,8 +80,14 @@ pub fn reference(
     let offset = cache.map_or(0, |c| c.0.dim(1).unwrap());
     let (cos, sin) = rope(offset + l);
     let (cos, sin) = (
-        cos.narrow(0, offset, l).unwrap(),
-        sin.narrow(0, offset, l).unwrap(),
+        cos.narrow(0, offset, l)
+            .unwrap()
+            .to_device(&x.device())
+            .unwrap(),
+        sin.narrow(0, offset, l)
+            .unwrap()
+            .to_device(&x.device())
+            .unwrap(),
     );
     let lin = |x: &Tensor, m: &str| {
         x.linear(
@@ -287,6 +293,7 @@ pub fn inputs(seed: u64, lens: [usize; 2]) -> [Tensor; 2] {
     ]
 }
 
+/// The unsharded outputs of the two calls (on the device of `w` and `xs`).
 pub fn references(w: &Weights, xs: &[Tensor; 2]) -> Vec<Vec<f32>> {
     let (y0, kv) = reference(w, &xs[0], None);
     let (y1, _) = reference(w, &xs[1], Some(&kv));
