@@ -1,7 +1,7 @@
 //! Sharded == unsharded at the layer level (issue 6 item 7): a small attention + FFN block
 //! built from the `parallel` layer types, run with TP=2, Ulysses=2 and 4, TP×Ulysses, PP=2,
-//! FSDP=2 and FSDP×Ulysses on SocketComm ranks in threads, against a reference written with
-//! plain tensor ops on full weights. f32 throughout; rel L2 ≤ 1e-6.
+//! FSDP=2, FSDP×Ulysses and FSDP×Ulysses×TP on SocketComm ranks in threads, against a
+//! reference written with plain tensor ops on full weights. f32 throughout; rel L2 ≤ 1e-6.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
