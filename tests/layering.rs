@@ -15,6 +15,7 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ("runtime", &["proto", "tonic", "tokio", "worker", "launcher"]),
     ("worker", &["launcher"]),
     ("launcher", &["runtime", "kernels", "cudarc", "worker"]),
+    ("media", &["runtime", "kernels", "cudarc", "proto", "worker", "launcher", "tokio", "tonic"]),
 ];
 
 fn metadata() -> serde_json::Value {
@@ -90,7 +91,7 @@ fn crates_respect_the_layering() {
 fn planner_depends_on_no_workspace_crate() {
     let g = graph(&metadata());
     let deps = closure(&g, "planner");
-    let workspace = ["proto", "kernels", "runtime", "worker", "launcher", "benches", "lava-tests"];
+    let workspace = ["proto", "kernels", "runtime", "worker", "launcher", "media", "benches", "lava-tests"];
     let bad: Vec<_> = workspace.iter().filter(|w| deps.contains(**w)).collect();
     assert!(bad.is_empty(), "planner depends on {bad:?}");
 }
