@@ -2,13 +2,21 @@
 //! mirrors the checkpoint keys (candle's `VarBuilder` pattern).
 
 use crate::memory::{Category, scope};
-use crate::weights::{Checkpoint, CheckpointErrorKind, Lora, ShardHint};
+use crate::weights::{Checkpoint, CheckpointErrorKind, Lora, RandomWeights, ShardHint};
 use crate::{DType, Device, Error, Result, Tensor};
+
+/// Where the tensors come from.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    Checkpoint(&'a Checkpoint),
+    /// Seeded random weights (benchmarks without a checkpoint).
+    Random(&'a RandomWeights),
+}
 
 /// Loads tensors of one checkpoint (with an optional LoRA merged at load) in `dtype`.
 #[derive(Debug, Clone)]
 pub struct VarBuilder<'a> {
-    ckpt: &'a Checkpoint,
+    src: Source<'a>,
     lora: Option<&'a Lora>,
     prefix: String,
     dtype: DType,
@@ -20,11 +28,29 @@ impl<'a> VarBuilder<'a> {
     /// tests); weights are converted to it after the LoRA merge (model-spec §2.4 order).
     pub fn new(ckpt: &'a Checkpoint, lora: Option<&'a Lora>, dtype: DType, device: Device) -> Self {
         Self {
-            ckpt,
+            src: Source::Checkpoint(ckpt),
             lora,
             prefix: String::new(),
             dtype,
             device,
+        }
+    }
+
+    /// Tensors from seeded random weights instead of a checkpoint (no LoRA).
+    pub fn random(weights: &'a RandomWeights, dtype: DType, device: Device) -> Self {
+        Self {
+            src: Source::Random(weights),
+            lora: None,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    fn origin(&self) -> String {
+        match self.src {
+            Source::Checkpoint(c) => c.dir().display().to_string(),
+            Source::Random(_) => "<random weights>".into(),
         }
     }
 
@@ -61,10 +87,13 @@ impl<'a> VarBuilder<'a> {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = self.full(name);
         let _g = scope(Category::Weights);
-        let stored = self.ckpt.tensor(&full, &self.device)?;
+        let stored = match self.src {
+            Source::Checkpoint(c) => c.tensor(&full, &self.device)?,
+            Source::Random(r) => r.tensor(&full, &self.device)?,
+        };
         if stored.dims() != shape {
             return Err(Error::Checkpoint {
-                path: self.ckpt.dir().display().to_string(),
+                path: self.origin(),
                 kind: CheckpointErrorKind::ShapeMismatch {
                     name: full,
                     expected: shape.to_vec(),
@@ -92,14 +121,19 @@ impl<'a> VarBuilder<'a> {
     /// loading, style rule 6).
     pub fn get_sharded(&self, name: &str, shape: &[usize], hint: ShardHint) -> Result<Tensor> {
         let full = self.full(name);
-        let got = self
-            .ckpt
+        let Source::Checkpoint(ckpt) = self.src else {
+            return Err(Error::invalid(
+                "VarBuilder",
+                format!("{full}: sharded loading from random weights is not supported"),
+            ));
+        };
+        let got = ckpt
             .info(&full)
             .map(|i| i.shape.clone())
             .unwrap_or_default();
         if got != shape {
             return Err(Error::Checkpoint {
-                path: self.ckpt.dir().display().to_string(),
+                path: self.origin(),
                 kind: CheckpointErrorKind::ShapeMismatch {
                     name: full,
                     expected: shape.to_vec(),
@@ -108,7 +142,7 @@ impl<'a> VarBuilder<'a> {
             });
         }
         let _g = scope(Category::Weights);
-        let stored = self.ckpt.tensor_shard(&full, hint, &self.device)?;
+        let stored = ckpt.tensor_shard(&full, hint, &self.device)?;
         let merged = match (self.lora, full.strip_suffix(".weight")) {
             (Some(lora), Some(module)) => lora.merge_shard(module, &stored, Some(hint))?,
             _ => None,

@@ -9,9 +9,11 @@
 //! names the file or tensor and both shapes.
 
 mod lora;
+mod random;
 mod safetensors;
 
 pub use lora::{Lora, LoraConfig};
+pub use random::{RandomWeights, init_of as random_init_of, values as random_values};
 pub use safetensors::{SafetensorsFile, ShardHint, StDType, TensorInfo};
 
 use std::collections::BTreeMap;
