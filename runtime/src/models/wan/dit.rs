@@ -130,6 +130,8 @@ impl CausalWanModelS2V {
 
     /// Per-block text K/V, once per generation.
     pub fn text_kv(&self, text: &Tensor) -> Result<TextKv> {
+        // Kept for the whole generation: charged like the step caches (docs/memory.md).
+        let _kv = crate::memory::scope(crate::memory::Category::KvCache);
         Ok(TextKv {
             layers: self
                 .blocks
