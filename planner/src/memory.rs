@@ -39,6 +39,7 @@ pub enum Phase {
 #[serde(rename_all = "snake_case")]
 pub enum Component {
     DitWeights,
+    DitF32Copies,
     FsdpRootUnshard,
     FsdpBlocksInFlight,
     KvNoisy,
@@ -62,6 +63,7 @@ impl Component {
     pub fn label(&self) -> &'static str {
         match self {
             Component::DitWeights => "DiT weights",
+            Component::DitF32Copies => "DiT fp32 weight copies",
             Component::FsdpRootUnshard => "FSDP root unit unshard",
             Component::FsdpBlocksInFlight => "FSDP blocks in flight",
             Component::KvNoisy => "KV cache, noisy ring",
@@ -227,6 +229,25 @@ fn dit_share(spec: &ModelSpec, p: &ModelParams, layout: &Layout, role: &Role) ->
     }
 }
 
+/// lava keeps f32 copies (2 extra bytes per parameter) of the modules the reference runs in
+/// fp32 autocast regions: time MLPs, head, audio encoder and the blocks' modulation vectors.
+fn dit_f32_copies(spec: &ModelSpec, p: &ModelParams, layout: &Layout, role: &Role) -> u64 {
+    let d = &spec.dit;
+    let dp = &p.dit;
+    let (first, last, layers) = match role {
+        Role::Dit { pp, layer_begin, layer_end, .. } => (*pp == 0, *pp + 1 == layout.pp, layer_end - layer_begin),
+        Role::Vae => return 0,
+    };
+    let mut params = layers * 6 * d.dim;
+    if first {
+        params += dp.time_embedding + dp.time_projection / layout.tp + dp.casual_audio_encoder;
+    }
+    if last {
+        params += dp.head;
+    }
+    params * (F32 - BF16)
+}
+
 /// One DiT call's activation peak on one rank (documented in docs/memory.md §Activations).
 fn dit_activations(
     spec: &ModelSpec,
@@ -251,6 +272,10 @@ fn dit_activations(
         + sink_roped;
     let ffn_phase = t * (4 * dim + 2 * dim + 2 * ffn / tp + 2 * dim);
     let audio = t * (2 * dim + 4 * dim + 4 * dim / tp + 4 * dim / tp + 2 * dim);
+    // lava's attention reads [ring window ; re-rotated sink] as one K and one V: the window is
+    // copied out of the ring, then concatenated with the sink.
+    let concat = if kind == LayoutKind::Lava { (2 * g.lkv + g.ring) * heads_r * hd * BF16 } else { 0 };
+    let attn = attn + concat;
     let mut peak = attn.max(ffn_phase).max(audio);
     let mut detail = format!("max(attn {attn}, ffn {ffn_phase}, audio {audio}) B at {t} tokens");
     if kind == LayoutKind::Liveavatar {
@@ -449,6 +474,14 @@ pub fn rank_memory(
                 } else {
                     m.push(Component::DitWeights, Phase::Resident, share.root + blocks, format!("root part + {} blocks of {} B ({wname}, 1/{} TP)", share.blocks, share.block, layout.tp));
                 }
+            }
+            if !la {
+                m.push(
+                    Component::DitF32Copies,
+                    Phase::Resident,
+                    dit_f32_copies(spec, p, layout, role),
+                    "time MLPs, head, audio encoder, modulation kept in f32 (+2 B/param)",
+                );
             }
             if let Role::Dit { layer_begin, layer_end, .. } = role {
                 let layers = layer_end - layer_begin;

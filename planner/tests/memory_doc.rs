@@ -163,7 +163,7 @@ fn table() -> String {
                 .map(|i| i.bytes)
                 .sum()
         };
-        let weights = sum(&[Component::DitWeights]);
+        let weights = sum(&[Component::DitWeights, Component::DitF32Copies]);
         let kv = sum(&[Component::KvNoisy, Component::KvSink, Component::TextKv]);
         let enc = sum(&[
             Component::T5Weights,
