@@ -26,6 +26,12 @@ enum Command {
     /// Start the job's workers, bring every rank to ready, and supervise them until a signal
     /// (clean drain) or the death of any rank (exit code 5, peer lost).
     Launch(Box<supervise::LaunchArgs>),
+    /// What CUDA this machine offers (driver, GPUs, cuBLAS/cuDNN/NCCL/NVRTC); runs `lava-worker doctor`.
+    Doctor {
+        /// Path of the `lava-worker` executable [default: next to this `lava`].
+        #[arg(long, env = "LAVA_WORKER_BIN")]
+        worker_bin: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,5 +53,27 @@ fn main() -> std::process::ExitCode {
     match cli.command {
         Command::Plan(args) => plan::run(&args),
         Command::Launch(args) => supervise::run(&args),
+        Command::Doctor { worker_bin } => doctor(worker_bin.as_deref()),
+    }
+}
+
+/// The launcher never links CUDA: the worker binary probes the machine and reports.
+fn doctor(worker_bin: Option<&std::path::Path>) -> std::process::ExitCode {
+    let status = spawn::locate_worker(worker_bin).and_then(|w| {
+        std::process::Command::new(&w)
+            .arg("doctor")
+            .status()
+            .map_err(|e| format!("running {}: {e}", w.display()))
+    });
+    match status {
+        Ok(s) => std::process::ExitCode::from(
+            s.code()
+                .unwrap_or(i32::from(proto::exit::INTERNAL))
+                .clamp(0, 255) as u8,
+        ),
+        Err(e) => {
+            eprintln!("lava doctor: {e}");
+            std::process::ExitCode::from(proto::exit::INTERNAL)
+        }
     }
 }

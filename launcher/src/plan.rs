@@ -11,9 +11,9 @@ use planner::{
 };
 
 /// Exit codes of `lava plan` (shared with `lava generate`'s pre-launch check).
-pub const EXIT_FITS: u8 = 0;
-pub const EXIT_BAD_INPUT: u8 = 2;
-pub const EXIT_INFEASIBLE: u8 = 3;
+pub const EXIT_FITS: u8 = proto::exit::OK;
+pub const EXIT_BAD_INPUT: u8 = proto::exit::BAD_INPUT;
+pub const EXIT_INFEASIBLE: u8 = proto::exit::INFEASIBLE_PLAN;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LayoutArg {

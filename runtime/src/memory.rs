@@ -108,6 +108,7 @@ pub fn category_of(component: planner::memory::Component) -> Option<Category> {
     use planner::memory::Component as P;
     Some(match component {
         P::DitWeights
+        | P::DitF32Copies
         | P::FsdpRootUnshard
         | P::FsdpBlocksInFlight
         | P::T5Weights
