@@ -17,6 +17,7 @@ mod compute;
 mod control;
 mod doctor;
 mod lifeline;
+mod role;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
