@@ -5,6 +5,7 @@
 
 mod coordinator;
 mod env;
+mod generate;
 mod plan;
 mod spawn;
 mod supervise;
@@ -26,6 +27,8 @@ enum Command {
     /// Start the job's workers, bring every rank to ready, and supervise them until a signal
     /// (clean drain) or the death of any rank (exit code 5, peer lost).
     Launch(Box<supervise::LaunchArgs>),
+    /// Generate a video: plan, start the ranks, write the MP4 with audio as frames arrive.
+    Generate(Box<generate::GenerateArgs>),
     /// What CUDA this machine offers (driver, GPUs, cuBLAS/cuDNN/NCCL/NVRTC); runs `lava-worker doctor`.
     Doctor {
         /// Path of the `lava-worker` executable [default: next to this `lava`].
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
     match cli.command {
         Command::Plan(args) => plan::run(&args),
         Command::Launch(args) => supervise::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Doctor { worker_bin } => doctor(worker_bin.as_deref()),
     }
 }

@@ -405,3 +405,34 @@ fn json(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v)
         .unwrap_or_else(|e| format!("{{\"status\":\"error\",\"error\":\"{e}\"}}"))
 }
+
+/// `lava generate`'s pre-launch check: the explicit layout of `a` planned at `a`'s size.
+/// Prints the plan; `Err` is the exit code (bad input or infeasible, message printed), and
+/// then nothing may be spawned.
+pub fn plan_for_generate(a: &PlanArgs) -> Result<(Layout, Resolution, ModelSpec), u8> {
+    let fail = |e: PlanError| {
+        eprintln!("lava generate: {e}");
+        EXIT_BAD_INPUT
+    };
+    let p = parse_common(a).map_err(fail)?;
+    let layout = explicit_layout(a, &p).map_err(fail)?;
+    let req = Request::new(
+        p.model.clone(),
+        p.gpus.clone(),
+        layout.clone(),
+        p.resolution.clone(),
+        p.workload,
+    )
+    .map_err(fail)?;
+    match planner::plan(&req) {
+        Ok(plan) => {
+            print!("{}", render::fits(&plan));
+            Ok((layout, p.resolution, p.model))
+        }
+        Err(inf) => {
+            print!("{}", render::infeasible(&inf, &[]));
+            eprintln!("lava generate: the plan does not fit; nothing was started");
+            Err(EXIT_INFEASIBLE)
+        }
+    }
+}

@@ -92,6 +92,26 @@ pub enum Command {
         /// The outcome.
         reply: oneshot::Sender<Result<String, Failure>>,
     },
+    /// Build this rank's model (the built-in tiny model only): replies with its weight bytes.
+    Load {
+        /// Model name from Init.
+        name: String,
+        /// Checkpoint folder from Init (must be empty: checkpoints are not wired in yet).
+        ckpt_dir: String,
+        /// This rank decodes (VAE rank) rather than denoises (DiT rank).
+        vae: bool,
+        reply: oneshot::Sender<Result<u64, Failure>>,
+    },
+    /// Run one generation on this rank over the communicator (see [`crate::role`]).
+    Generate {
+        job: crate::role::Job,
+        /// The peer: the VAE rank on the DiT rank, the DiT rank on the VAE rank.
+        peer: usize,
+        /// VAE rank only: where decoded blocks go.
+        frames: Option<crate::role::FrameSink>,
+        /// (blocks, frames) done.
+        reply: oneshot::Sender<Result<(usize, usize), Failure>>,
+    },
     /// Leave the loop.
     Stop,
 }
@@ -184,6 +204,7 @@ fn open(device: Device) -> Result<(), String> {
 fn run(device: Device, rx: mpsc::Receiver<Command>) {
     // The communicator lives and dies on this thread, like the device context.
     let mut comm: Option<SocketComm> = None;
+    let mut model: Option<crate::role::Loaded> = None;
     while let Ok(cmd) = rx.recv() {
         // Receivers may have given up (timeouts); nothing to do then, hence the ignored sends.
         match cmd {
@@ -208,6 +229,34 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
                         comm = Some(c);
                         detail
                     })
+                };
+                let _ = reply.send(outcome);
+            }
+            Command::Load {
+                name,
+                ckpt_dir,
+                vae,
+                reply,
+            } => {
+                let outcome = crate::role::Loaded::load(&name, &ckpt_dir, vae).map(|m| {
+                    let bytes = m.weight_bytes();
+                    model = Some(m);
+                    bytes
+                });
+                let _ = reply.send(outcome);
+            }
+            Command::Generate {
+                job,
+                peer,
+                frames,
+                reply,
+            } => {
+                let outcome = match (&model, &comm) {
+                    (Some(m), Some(c)) => m.generate(c, peer, &job, frames),
+                    _ => Err((
+                        ErrorKind::WrongState,
+                        "Generate needs Init (communicator) and Load first".to_string(),
+                    )),
                 };
                 let _ = reply.send(outcome);
             }

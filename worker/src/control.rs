@@ -20,9 +20,6 @@ use crate::compute::{Command, Device, Rendezvous};
 /// How long an expensive health probe waits for the compute thread.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What model execution needs and this build lacks, said the same way everywhere.
-const NO_MODEL: &str = "not available in this build: model execution lands with issue 4/6";
-
 /// Why the worker is leaving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -66,6 +63,9 @@ pub struct Shared {
     rendezvous: Mutex<Option<TcpListener>>,
     compute: mpsc::Sender<Command>,
     stop: watch::Sender<Option<Stop>>,
+    /// VAE rank: frame streams of running generations, by request id, until StreamFrames
+    /// takes them.
+    frames: Mutex<std::collections::HashMap<String, tokio::sync::mpsc::Receiver<fpb::FrameChunk>>>,
 }
 
 impl Shared {
@@ -88,6 +88,30 @@ impl Shared {
             rendezvous: Mutex::new(rendezvous),
             compute,
             stop,
+            frames: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn plan(&self) -> Option<pb::InitRequest> {
+        self.plan
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sends `cmd` to the compute thread and awaits its reply.
+    async fn compute<T>(
+        &self,
+        cmd: Command,
+        rx: oneshot::Receiver<Result<T, crate::compute::Failure>>,
+    ) -> Result<T, Status> {
+        self.compute
+            .send(cmd)
+            .map_err(|_| self.err(ErrorKind::Internal, "compute thread has exited"))?;
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err((kind, message))) => Err(self.err(kind, message)),
+            Err(_) => Err(self.err(ErrorKind::Internal, "compute thread dropped the request")),
         }
     }
 
@@ -305,18 +329,119 @@ impl pb::worker_server::Worker for WorkerService {
     }
 
     async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadReply>, Status> {
-        Err(self
-            .shared
-            .err(ErrorKind::Unsupported, format!("Load is {NO_MODEL}")))
+        let s = &self.shared;
+        let state = s.state();
+        if state != pb::WorkerState::Initialized {
+            return Err(s.err(
+                ErrorKind::WrongState,
+                format!("Load in state {}", state.name()),
+            ));
+        }
+        let plan = s
+            .plan()
+            .ok_or_else(|| s.err(ErrorKind::WrongState, "no Init"))?;
+        let model = plan.model.unwrap_or_default();
+        let t0 = Instant::now();
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Load {
+            name: model.name,
+            ckpt_dir: model.ckpt_dir,
+            vae: s.role == pb::RoleKind::Vae,
+            reply,
+        };
+        let weight_bytes = s.compute(cmd, rx).await?;
+        s.set_state(pb::WorkerState::Loaded);
+        log!("loaded: {weight_bytes} bytes of weights");
+        Ok(Response::new(pb::LoadReply {
+            rank: s.rank,
+            weight_bytes,
+            peak_memory_bytes: 0,
+            elapsed_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }))
     }
 
     async fn generate(
         &self,
-        _: Request<pb::GenerateRequest>,
+        request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateReply>, Status> {
-        Err(self
-            .shared
-            .err(ErrorKind::Unsupported, format!("Generate is {NO_MODEL}")))
+        let s = &self.shared;
+        let req = request.into_inner();
+        let state = s.state();
+        if state != pb::WorkerState::Loaded {
+            return Err(s.err(
+                ErrorKind::WrongState,
+                format!("Generate in state {}", state.name()),
+            ));
+        }
+        let plan = s
+            .plan()
+            .ok_or_else(|| s.err(ErrorKind::WrongState, "no Init"))?;
+        // This build runs one DiT rank and one VAE rank: the peer is the other role.
+        let peer = plan
+            .layout
+            .iter()
+            .find(|e| {
+                let vae = matches!(
+                    e.role.as_ref().and_then(|r| r.role.as_ref()),
+                    Some(Role::Vae(_))
+                );
+                vae != (s.role == pb::RoleKind::Vae)
+            })
+            .map(|e| e.rank as usize);
+        let (Some(peer), 2) = (peer, plan.layout.len()) else {
+            return Err(s.err(
+                ErrorKind::Unsupported,
+                "this build generates with exactly one DiT rank and one VAE rank",
+            ));
+        };
+        let size = planner::size::SizeArg::parse(&format!("{}*{}", req.width, req.height))
+            .map_err(|e| s.err(ErrorKind::BadInput, e.to_string()))?;
+        let job = crate::role::Job {
+            image: req.image_path.clone().into(),
+            audio: req.audio_path.clone().into(),
+            prompt: req.prompt.clone(),
+            size,
+            num_clip: req.num_clip as usize,
+            seed: req.seed,
+            request_id: req.request_id.clone(),
+            expect_size: Some((req.width as usize, req.height as usize)),
+        };
+        let frames = if s.role == pb::RoleKind::Vae {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            s.frames
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(req.request_id.clone(), rx);
+            Some(tx)
+        } else {
+            None
+        };
+        let t0 = Instant::now();
+        s.set_state(pb::WorkerState::Generating);
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Generate {
+            job,
+            peer,
+            frames,
+            reply,
+        };
+        let outcome = s.compute(cmd, rx).await;
+        s.set_state(if outcome.is_ok() {
+            pb::WorkerState::Loaded
+        } else {
+            pb::WorkerState::Failed
+        });
+        let (blocks, frames) = outcome?;
+        log!("generated {blocks} blocks, {frames} frames");
+        let u = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::GenerateReply {
+            request_id: req.request_id,
+            rank: s.rank,
+            blocks: u(blocks),
+            frames: u(frames),
+            elapsed_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+            peak_memory_bytes: 0,
+        }))
     }
 
     async fn cancel(
@@ -411,12 +536,45 @@ impl fpb::frames_server::Frames for FramesService {
 
     async fn stream_frames(
         &self,
-        _: Request<fpb::StreamFramesRequest>,
+        request: Request<fpb::StreamFramesRequest>,
     ) -> Result<Response<Self::StreamFramesStream>, Status> {
-        Err(self.shared.err(
-            ErrorKind::Unsupported,
-            format!("frame streaming is {NO_MODEL}"),
-        ))
+        let s = &self.shared;
+        let id = request.into_inner().request_id;
+        // Generate may still be on its way to this rank: wait for it a little.
+        let until = Instant::now() + FRAMES_WAIT;
+        loop {
+            let rx = s
+                .frames
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+            if let Some(rx) = rx {
+                return Ok(Response::new(Box::pin(Chunks(rx))));
+            }
+            if Instant::now() >= until {
+                return Err(s.err(
+                    ErrorKind::BadInput,
+                    format!("no generation {id:?} is streaming frames on this rank"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// How long StreamFrames waits for its Generate to arrive.
+const FRAMES_WAIT: Duration = Duration::from_secs(30);
+
+/// The frame channel as a gRPC stream.
+struct Chunks(tokio::sync::mpsc::Receiver<fpb::FrameChunk>);
+
+impl tonic::codegen::tokio_stream::Stream for Chunks {
+    type Item = Result<fpb::FrameChunk, Status>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|c| c.map(Ok))
     }
 }
 
@@ -556,7 +714,7 @@ mod tests {
     }
 
     #[test]
-    fn model_calls_say_they_are_not_available_rather_than_pretend() {
+    fn model_calls_before_init_are_refused_with_the_rank() {
         use pb::worker_server::Worker as _;
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -565,9 +723,9 @@ mod tests {
         let err = rt
             .block_on(service.generate(Request::new(pb::GenerateRequest::default())))
             .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unimplemented);
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
         assert!(
-            err.message().contains("not available in this build"),
+            err.message().contains("Generate in state"),
             "{}",
             err.message()
         );

@@ -40,6 +40,10 @@ pub struct Job {
     pub size: SizeArg,
     pub num_clip: usize,
     pub seed: u64,
+    /// Echoed in frame chunks.
+    pub request_id: String,
+    /// (width, height) the coordinator planned; refused when the image resolves otherwise.
+    pub expect_size: Option<(usize, usize)>,
 }
 
 /// Inputs derived identically on every rank.
@@ -63,10 +67,6 @@ impl Prepared {
     /// Blocks per clip.
     pub fn blocks_per_clip(&self) -> usize {
         self.geometry.ring_frames / self.geometry.frames_per_block
-    }
-    /// Video frames of the whole generation: 4 per latent, minus the dropped first frames.
-    pub fn total_frames(&self) -> usize {
-        4 * self.geometry.ring_frames * self.clips - DROPPED_FRAMES
     }
 }
 
@@ -104,6 +104,174 @@ pub fn prepare(job: &Job) -> Result<Prepared> {
         context,
         clips,
         geometry,
+    })
+}
+
+/// Seed of the tiny model's random weights (fixed: the built-in model is one model).
+pub const TINY_WEIGHT_SEED: u64 = 0;
+
+/// Where the VAE rank puts each decoded block: RGB24 frame chunks for the Frames stream.
+pub type FrameSink = tokio::sync::mpsc::Sender<proto::frames::v1::FrameChunk>;
+
+/// A loaded rank model.
+#[derive(Debug)]
+pub enum Loaded {
+    Dit(Box<runtime::models::wan::CausalWanModelS2V>),
+    Vae(Box<runtime::models::vae::WanVae>),
+}
+
+fn internal(e: impl std::fmt::Display) -> crate::compute::Failure {
+    (proto::ErrorKind::Internal, format!("{e:#}"))
+}
+
+fn load_failure(e: impl std::fmt::Display) -> crate::compute::Failure {
+    (proto::ErrorKind::LoadFailure, format!("{e:#}"))
+}
+
+/// A communicator failure (lost or silent peer) is a lost peer; anything else internal.
+fn classify(e: anyhow::Error) -> crate::compute::Failure {
+    let lost = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<runtime::Error>(),
+            Some(runtime::Error::Comm {
+                kind: runtime::comm::CommErrorKind::PeerLost { .. }
+                    | runtime::comm::CommErrorKind::Timeout { .. },
+                ..
+            })
+        )
+    });
+    let kind = if lost {
+        proto::ErrorKind::PeerLost
+    } else {
+        proto::ErrorKind::Internal
+    };
+    (kind, format!("{e:#}"))
+}
+
+impl Loaded {
+    /// The built-in tiny model's part for this rank; checkpoints are refused (not wired yet).
+    pub fn load(name: &str, ckpt_dir: &str, vae: bool) -> Result<Self, crate::compute::Failure> {
+        if !ckpt_dir.is_empty() || name != "tiny" {
+            return Err((
+                proto::ErrorKind::Unsupported,
+                format!(
+                    "model {name:?} with checkpoint {ckpt_dir:?}: only the built-in tiny model \
+                     (no --ckpt_dir) runs in this build"
+                ),
+            ));
+        }
+        let spec = ModelSpec::builtin("tiny").map_err(internal)?;
+        Ok(if vae {
+            Loaded::Vae(Box::new(
+                tiny::vae(&spec, TINY_WEIGHT_SEED).map_err(load_failure)?,
+            ))
+        } else {
+            Loaded::Dit(Box::new(
+                tiny::dit(&spec, TINY_WEIGHT_SEED).map_err(load_failure)?,
+            ))
+        })
+    }
+
+    /// Bytes of weights held (the DiT's from the tiny spec's parameter count, f32).
+    pub fn weight_bytes(&self) -> u64 {
+        let spec = match ModelSpec::builtin("tiny") {
+            Ok(s) => s,
+            Err(_) => return 0,
+        };
+        let params = match self {
+            Loaded::Dit(_) => planner::params::DitParams::new(&spec.dit).total(),
+            Loaded::Vae(_) => planner::params::vae_params(&spec.vae).total(),
+        };
+        4 * params
+    }
+
+    /// One generation on this rank: (blocks, frames).
+    pub fn generate(
+        &self,
+        comm: &SocketComm,
+        peer: usize,
+        job: &Job,
+        frames: Option<FrameSink>,
+    ) -> Result<(usize, usize), crate::compute::Failure> {
+        let p = prepare(job).map_err(|e| (proto::ErrorKind::BadInput, format!("{e:#}")))?;
+        if let Some((w, h)) = job.expect_size
+            && (w, h) != (p.width, p.height)
+        {
+            return Err((
+                proto::ErrorKind::BadInput,
+                format!(
+                    "the image resolves to {}×{} here, the coordinator planned {w}×{h}",
+                    p.width, p.height
+                ),
+            ));
+        }
+        match self {
+            Loaded::Dit(m) => dit::run(comm, peer, m, &p, job.seed)
+                .map(|b| (b, 0))
+                .map_err(classify),
+            Loaded::Vae(v) => {
+                let mut total = 0;
+                let blocks = vae::run(comm, peer, v, &p, |b| {
+                    total += b.frames;
+                    if let Some(sink) = &frames {
+                        let chunk = frame_chunk(&job.request_id, &p, &b)?;
+                        // A coordinator that went away is not this rank's failure.
+                        let _ = sink.blocking_send(chunk);
+                    }
+                    Ok(())
+                })
+                .map_err(classify)?;
+                Ok((blocks, total))
+            }
+        }
+    }
+}
+
+fn unix_ns(t: std::time::Instant) -> u64 {
+    let now_sys = std::time::SystemTime::now();
+    let ago = t.elapsed();
+    now_sys
+        .checked_sub(ago)
+        .and_then(|s| s.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// A decoded block as an RGB24 frame chunk (§6.5 pixel conversion).
+fn frame_chunk(
+    request_id: &str,
+    p: &Prepared,
+    b: &vae::BlockFrames,
+) -> Result<proto::frames::v1::FrameChunk> {
+    use proto::frames::v1 as fpb;
+    let (h, w, t) = (p.height, p.width, b.frames);
+    let mut data = Vec::with_capacity(3 * t * h * w);
+    let mut chw = vec![0f32; 3 * h * w];
+    let mut rgb = Vec::new();
+    for f in 0..t {
+        for c in 0..3 {
+            let src = (c * t + f) * h * w;
+            chw[c * h * w..(c + 1) * h * w].copy_from_slice(&b.pixels[src..src + h * w]);
+        }
+        media::video::rgb24_from_chw(&chw, h, w, &mut rgb)?;
+        data.extend_from_slice(&rgb);
+    }
+    let total_blocks = p.clips * p.blocks_per_clip();
+    let u = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    Ok(fpb::FrameChunk {
+        request_id: request_id.to_string(),
+        block_index: u(b.block),
+        clip_index: u(b.clip),
+        frame_start: u(b.frame_start),
+        frame_count: u(t),
+        width: u(w),
+        height: u(h),
+        pixel_format: fpb::PixelFormat::Rgb24.into(),
+        data,
+        latents_received_unix_ns: unix_ns(b.received),
+        decode_start_unix_ns: unix_ns(b.decode_start),
+        decode_end_unix_ns: unix_ns(b.decode_end),
+        sent_unix_ns: unix_ns(std::time::Instant::now()),
+        last: b.block + 1 == total_blocks,
     })
 }
 
@@ -148,6 +316,8 @@ mod tests {
             size: SizeArg::parse("128*64").unwrap(),
             num_clip,
             seed: 420,
+            request_id: "t".into(),
+            expect_size: None,
         }
     }
 
@@ -194,7 +364,6 @@ mod tests {
         assert_eq!(dit.join().unwrap(), blocks);
         assert_eq!(blocks, p.clips * p.blocks_per_clip());
         assert_eq!(frames, 48 * p.clips - 3);
-        assert_eq!(frames, p.total_frames());
 
         // The same generation in one process.
         let model = tiny::dit(&p.spec, 1).unwrap();
