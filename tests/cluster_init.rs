@@ -243,7 +243,8 @@ fn init_hands_out_planner_roles_and_forms_the_communicator() {
             .generate(pb::GenerateRequest::default())
             .await
             .unwrap_err();
-        assert_eq!(gen_err.code(), tonic::Code::Unimplemented);
+        // Generate needs Load first.
+        assert_eq!(gen_err.code(), tonic::Code::FailedPrecondition);
 
         for c in &mut clients {
             c.shutdown(pb::ShutdownRequest {
