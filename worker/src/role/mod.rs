@@ -73,7 +73,7 @@ impl Prepared {
 /// Load and preprocess the job's image and audio for the tiny model (§10.1, §10.3 timing).
 pub fn prepare(job: &Job) -> Result<Prepared> {
     let spec = ModelSpec::builtin("tiny").context("the built-in tiny model")?;
-    let img = media::image::load_reference_image(&job.image, job.size.clone())
+    let img = media::image::load_reference_image(&job.image, job.size)
         .with_context(|| format!("reference image {}", job.image.display()))?;
     let (height, width) = (img.height(), img.width());
     let image = Tensor::from_vec(img.pixels, (1, 3, 1, height, width), &Device::Cpu)?;

@@ -125,7 +125,7 @@ pub fn text_context(prompt: &str, spec: &ModelSpec) -> Result<Tensor> {
 
 /// `[1, layers, dim, frames]` per-video-frame features of 16 kHz mono `samples` (module docs).
 pub fn audio_features(samples: &[f32], layers: usize, dim: usize, frames: usize) -> Result<Tensor> {
-    if dim == 0 || SAMPLES_PER_FRAME % dim != 0 {
+    if dim == 0 || !SAMPLES_PER_FRAME.is_multiple_of(dim) {
         bail!("audio_dim {dim} must divide {SAMPLES_PER_FRAME}");
     }
     let sub = SAMPLES_PER_FRAME / dim;
