@@ -360,8 +360,7 @@ async fn write_frames(
         }
         frames += chunk.frame_count;
         let el = t0.elapsed().as_secs_f64();
-        let first_at = *first.get_or_insert(el);
-        let _ = first_at;
+        first.get_or_insert(el);
         let decode_ms = chunk
             .decode_end_unix_ns
             .saturating_sub(chunk.decode_start_unix_ns)
