@@ -149,3 +149,81 @@ fn infeasible_plan_starts_nothing() {
     assert!(log.contains("nothing was started"), "{log}");
     assert!(t0.elapsed() < Duration::from_secs(30));
 }
+
+/// SIGKILL of the DiT rank mid-generation ends the whole job within 10 s with the peer-lost
+/// exit code and an error naming the rank, and the VAE rank does not outlive it.
+#[test]
+fn killing_a_rank_mid_generation_ends_the_job() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+
+    let out = std::env::temp_dir().join(format!("lava-killed-{}.mp4", std::process::id()));
+    let mut child = Command::new(bin_dir().join("lava"))
+        .arg("generate")
+        .args(tiny_flags("2x24GB", "128*64"))
+        .args(["--audio", &data("speech_44k.mp3"), "--save_file"])
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|r| {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        })
+    })
+    .collect();
+    drop(tx);
+    let pid_of = |line: &str, rank: &str| -> Option<i32> {
+        let rest = line.strip_prefix(&format!("lava: rank {rank} registered: "))?;
+        rest.split("pid ").nth(1)?.split(',').next()?.parse().ok()
+    };
+    let (mut dit, mut vae, mut log) = (None, None, String::new());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let line = line.unwrap_or_else(|_| panic!("no generation started:\n{log}"));
+        dit = dit.or_else(|| pid_of(&line, "0"));
+        vae = vae.or_else(|| pid_of(&line, "1"));
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("loaded the built-in tiny model") {
+            break;
+        }
+    }
+    let (dit, vae) = (dit.unwrap(), vae.unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on a pid this test's child started.
+    assert_eq!(unsafe { libc::kill(dit, libc::SIGKILL) }, 0);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "job still running:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for r in readers {
+        r.join().unwrap();
+    }
+    log.extend(rx.try_iter().map(|l| l + "\n"));
+    assert_eq!(status.code(), Some(5), "{log}");
+    assert!(log.contains("rank 0"), "{log}");
+    // SAFETY: signal 0 only checks whether the pid exists.
+    let vae_alive = unsafe { libc::kill(vae, 0) } == 0;
+    assert!(!vae_alive, "the VAE rank outlived the job:\n{log}");
+    let _ = std::fs::remove_file(&out);
+}

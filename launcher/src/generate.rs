@@ -151,7 +151,9 @@ async fn generate(a: &GenerateArgs, s: Setup) -> Result<(), Error> {
         worker_bin: a.worker_bin.clone(),
         advertise_host: None,
         ready_timeout: 120,
-        grace: 10,
+        // A rank busy in a model call answers SIGTERM only between calls; once a peer is lost
+        // the generation is over anyway, so stragglers get SIGKILL soon.
+        grace: 3,
         health_interval: 2,
     };
     let mut job = Job::start(&launch).await?;

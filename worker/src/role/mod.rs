@@ -107,6 +107,9 @@ pub fn prepare(job: &Job) -> Result<Prepared> {
     })
 }
 
+/// Receive timeout while generating (see [`Loaded::generate`]).
+const GENERATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Seed of the tiny model's random weights (fixed: the built-in model is one model).
 pub const TINY_WEIGHT_SEED: u64 = 0;
 
@@ -205,16 +208,34 @@ impl Loaded {
                 ),
             ));
         }
+        // A rank waits for its peer's compute (a whole clip, the motion-context encode), which
+        // on slow CPUs exceeds the collective timeout; a dead peer still fails at once (its
+        // sockets close), so only a hung one waits this long.
+        let usual = comm.timeout();
+        comm.set_timeout(usual.max(GENERATE_TIMEOUT));
+        let out = self.generate_inner(comm, peer, job, &p, frames);
+        comm.set_timeout(usual);
+        out
+    }
+
+    fn generate_inner(
+        &self,
+        comm: &SocketComm,
+        peer: usize,
+        job: &Job,
+        p: &Prepared,
+        frames: Option<FrameSink>,
+    ) -> Result<(usize, usize), crate::compute::Failure> {
         match self {
-            Loaded::Dit(m) => dit::run(comm, peer, m, &p, job.seed)
+            Loaded::Dit(m) => dit::run(comm, peer, m, p, job.seed)
                 .map(|b| (b, 0))
                 .map_err(classify),
             Loaded::Vae(v) => {
                 let mut total = 0;
-                let blocks = vae::run(comm, peer, v, &p, |b| {
+                let blocks = vae::run(comm, peer, v, p, |b| {
                     total += b.frames;
                     if let Some(sink) = &frames {
-                        let chunk = frame_chunk(&job.request_id, &p, &b)?;
+                        let chunk = frame_chunk(&job.request_id, p, &b)?;
                         // A coordinator that went away is not this rank's failure.
                         let _ = sink.blocking_send(chunk);
                     }
