@@ -74,11 +74,12 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
         || layout.tp * layout.ulysses * layout.pp != 1
         || layout.vae != VaePlacement::Dedicated
         || a.plan.sample_steps != 4
+        || a.plan.infer_frames != 48
     {
         eprintln!(
             "lava generate: this build runs the built-in tiny model with one DiT rank and a \
              dedicated VAE rank (--model tiny --num_gpus_dit 1 --enable_vae_parallel, \
-             --sample_steps 4); the planned layout is different"
+             --sample_steps 4, --infer_frames 48); the planned layout is different"
         );
         return ExitCode::from(exit::BAD_INPUT);
     }
