@@ -119,34 +119,53 @@ impl Catalog {
     pub fn gpu(&self, name: &str) -> Result<Gpu> {
         let key = name.trim();
         let entry = self.entries.iter().find(|e| {
-            e.name.eq_ignore_ascii_case(key) || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(key))
+            e.name.eq_ignore_ascii_case(key)
+                || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(key))
         });
         let d = &self.defaults;
-        let (name, label, memory_bytes, context_mb, workspace_mb, rates, interconnect, generic) = match entry {
-            Some(e) => (
-                e.name.clone(),
-                e.label.clone(),
-                e.memory_mib * MIB,
-                e.context_mb,
-                e.workspace_mb,
-                [e.bf16_tflops, e.fp8_tflops, e.mem_bw_gbs, e.link_gbs, e.host_gbs],
-                e.interconnect.clone(),
-                false,
-            ),
-            None => match parse_generic_size(key) {
-                Some(bytes) => (
-                    key.to_string(),
-                    format!("generic {key} GPU"),
-                    bytes,
-                    d.generic_context_mb,
-                    d.generic_workspace_mb,
-                    [d.generic_bf16_tflops, d.generic_fp8_tflops, d.generic_mem_bw_gbs, d.generic_link_gbs, d.generic_host_gbs],
-                    "unknown".to_string(),
-                    true,
+        let (name, label, memory_bytes, context_mb, workspace_mb, rates, interconnect, generic) =
+            match entry {
+                Some(e) => (
+                    e.name.clone(),
+                    e.label.clone(),
+                    e.memory_mib * MIB,
+                    e.context_mb,
+                    e.workspace_mb,
+                    [
+                        e.bf16_tflops,
+                        e.fp8_tflops,
+                        e.mem_bw_gbs,
+                        e.link_gbs,
+                        e.host_gbs,
+                    ],
+                    e.interconnect.clone(),
+                    false,
                 ),
-                None => return Err(PlanError::UnknownGpu { name: key.to_string(), known: self.names().join(", ") }),
-            },
-        };
+                None => match parse_generic_size(key) {
+                    Some(bytes) => (
+                        key.to_string(),
+                        format!("generic {key} GPU"),
+                        bytes,
+                        d.generic_context_mb,
+                        d.generic_workspace_mb,
+                        [
+                            d.generic_bf16_tflops,
+                            d.generic_fp8_tflops,
+                            d.generic_mem_bw_gbs,
+                            d.generic_link_gbs,
+                            d.generic_host_gbs,
+                        ],
+                        "unknown".to_string(),
+                        true,
+                    ),
+                    None => {
+                        return Err(PlanError::UnknownGpu {
+                            name: key.to_string(),
+                            known: self.names().join(", "),
+                        });
+                    }
+                },
+            };
         let [bf16_tflops, fp8_tflops, mem_bw_gbs, link_gbs, host_gbs] = rates;
         Ok(Gpu {
             name,

@@ -235,7 +235,12 @@ fn dit_f32_copies(spec: &ModelSpec, p: &ModelParams, layout: &Layout, role: &Rol
     let d = &spec.dit;
     let dp = &p.dit;
     let (first, last, layers) = match role {
-        Role::Dit { pp, layer_begin, layer_end, .. } => (*pp == 0, *pp + 1 == layout.pp, layer_end - layer_begin),
+        Role::Dit {
+            pp,
+            layer_begin,
+            layer_end,
+            ..
+        } => (*pp == 0, *pp + 1 == layout.pp, layer_end - layer_begin),
         Role::Vae => return 0,
     };
     let mut params = layers * 6 * d.dim;
@@ -274,7 +279,11 @@ fn dit_activations(
     let audio = t * (2 * dim + 4 * dim + 4 * dim / tp + 4 * dim / tp + 2 * dim);
     // lava's attention reads [ring window ; re-rotated sink] as one K and one V: the window is
     // copied out of the ring, then concatenated with the sink.
-    let concat = if kind == LayoutKind::Lava { (2 * g.lkv + g.ring) * heads_r * hd * BF16 } else { 0 };
+    let concat = if kind == LayoutKind::Lava {
+        (2 * g.lkv + g.ring) * heads_r * hd * BF16
+    } else {
+        0
+    };
     let attn = attn + concat;
     let mut peak = attn.max(ffn_phase).max(audio);
     let mut detail = format!("max(attn {attn}, ffn {ffn_phase}, audio {audio}) B at {t} tokens");

@@ -60,12 +60,13 @@ impl Request {
             )));
         }
         if layout.fp8
-            && let Some(g) = gpus.iter().take(world as usize).find(|g| !g.has_fp8()) {
-                return Err(PlanError::Layout(format!(
-                    "--fp8 needs FP8 tensor cores; {} has none",
-                    g.label
-                )));
-            }
+            && let Some(g) = gpus.iter().take(world as usize).find(|g| !g.has_fp8())
+        {
+            return Err(PlanError::Layout(format!(
+                "--fp8 needs FP8 tensor cores; {} has none",
+                g.label
+            )));
+        }
         Ok(Self {
             model,
             gpus,
@@ -216,18 +217,19 @@ pub fn plan(req: &Request) -> std::result::Result<Plan, Box<Infeasible>> {
         reasons.push("the resolution gives no DiT tokens".into());
     }
     if req.layout.fsdp
-        && let Some(r) = ranks.first() {
-            let get = |c: Component| {
-                r.items
-                    .iter()
-                    .filter(|i| i.component == c)
-                    .map(|i| i.bytes)
-                    .sum::<u64>()
-            };
-            let resident =
-                get(Component::DitWeights) + get(Component::KvNoisy) + get(Component::KvSink);
-            let root = get(Component::FsdpRootUnshard);
-            notes.push(format!(
+        && let Some(r) = ranks.first()
+    {
+        let get = |c: Component| {
+            r.items
+                .iter()
+                .filter(|i| i.component == c)
+                .map(|i| i.bytes)
+                .sum::<u64>()
+        };
+        let resident =
+            get(Component::DitWeights) + get(Component::KvNoisy) + get(Component::KvSink);
+        let root = get(Component::FsdpRootUnshard);
+        notes.push(format!(
                 "rank 0: DiT shard + KV caches = {:.2} GB resident; + FSDP root unshard {:.2} GB ({:.2} GiB) = {:.2} GB. \
                  Adding the GiB figure to the GB figure, {:.2} + {:.2} = {:.2} \"GB\", is the unit mix behind the quoted \"25.65 GB\" (model-spec §7.4)",
                 resident as f64 / 1e9,
@@ -238,7 +240,7 @@ pub fn plan(req: &Request) -> std::result::Result<Plan, Box<Infeasible>> {
                 round2(root as f64 / (1u64 << 30) as f64),
                 round2(resident as f64 / 1e9) + round2(root as f64 / (1u64 << 30) as f64),
             ));
-        }
+    }
     let idle = req.gpus.len() as u64 - roles.len() as u64;
     if idle > 0 {
         notes.push(format!(
@@ -455,7 +457,10 @@ fn factorisations(model: &ModelSpec, steps: u64, dit: u64) -> Vec<(u64, u64, u64
         }
         let rest = dit / stages;
         for tp in divisors(rest) {
-            if !model.dit.num_heads.is_multiple_of(tp) || !model.dit.ffn_dim.is_multiple_of(tp) || tp > 8 {
+            if !model.dit.num_heads.is_multiple_of(tp)
+                || !model.dit.ffn_dim.is_multiple_of(tp)
+                || tp > 8
+            {
                 continue;
             }
             for ulysses in divisors(rest / tp) {

@@ -167,7 +167,10 @@ impl ModelSpec {
                 d.head_dim()
             ));
         }
-        if d.num_audio_token == 0 || !d.dim.is_multiple_of(d.num_audio_token) || !d.dim.is_multiple_of(2) {
+        if d.num_audio_token == 0
+            || !d.dim.is_multiple_of(d.num_audio_token)
+            || !d.dim.is_multiple_of(2)
+        {
             return bad(format!(
                 "dim {} must split into num_audio_token {} groups",
                 d.dim, d.num_audio_token
@@ -182,7 +185,11 @@ impl ModelSpec {
         if d.num_layers == 0 || self.stream.frames_per_block == 0 || self.stream.sample_steps == 0 {
             return bad("num_layers, frames_per_block and sample_steps must be positive".into());
         }
-        if !self.stream.latents_per_clip.is_multiple_of(self.stream.frames_per_block) {
+        if !self
+            .stream
+            .latents_per_clip
+            .is_multiple_of(self.stream.frames_per_block)
+        {
             return bad("latents_per_clip must be a multiple of frames_per_block".into());
         }
         let v = &self.vae;

@@ -5,7 +5,7 @@ pub mod t5;
 pub mod vae;
 pub mod var_builder;
 pub mod vars;
-pub mod wav2vec2;
 pub mod wan;
+pub mod wav2vec2;
 
 pub use var_builder::VarBuilder;
