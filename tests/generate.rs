@@ -1,7 +1,7 @@
 //! `lava generate` end to end on CPU ranks with the built-in tiny model: the launcher plans,
 //! spawns a DiT rank and a VAE rank as separate `lava-worker` processes, and writes an MP4
 //! whose video (size from `lava plan`, 25 fps, 48·N − 3 frames) and audio ffprobe confirms.
-//! An infeasible plan starts nothing. Needs ffmpeg/ffprobe on PATH (.ci/test installs them).
+//! An infeasible plan starts nothing. Needs ffmpeg/ffprobe on PATH (.ci/run installs them).
 //! The latents' equality with a single-process run is tested in worker/src/role (same
 //! socket-communicator path, two threads).
 

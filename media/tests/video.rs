@@ -36,7 +36,7 @@ fn tool(name: &str) -> &str {
         .is_ok_and(|o| o.status.success());
     assert!(
         ok,
-        "{name} is needed for this test (Debian: apt-get install ffmpeg espeak-ng; .ci/test installs them)"
+        "{name} is needed for this test (Debian: apt-get install ffmpeg espeak-ng; .ci/run installs them)"
     );
     name
 }
