@@ -2,10 +2,12 @@
 //! two disagree. Regenerate with `LAVA_BLESS=1 cargo test -p planner --test memory_doc`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use planner::layout::{Layout, LayoutKind, T5Placement, VaePlacement};
 use planner::render::gb;
-use planner::size::{AspectSource, SizeArg, resolve};
-use planner::{Catalog, Component, ModelSpec, Plan, Request, Workload, plan};
+use planner::size::AspectSource;
+use planner::{Component, Plan};
 
 struct Scenario {
     name: &'static str,
@@ -116,26 +118,12 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 fn run(s: &Scenario) -> (Plan, bool) {
-    let model = ModelSpec::builtin("s2v-14b").unwrap();
-    let gpus = Catalog::builtin().unwrap().parse_gpus(s.gpus).unwrap();
     let source = if s.exact {
         AspectSource::Exact
     } else {
         AspectSource::SizeString
     };
-    let res = resolve(SizeArg::parse(s.size).unwrap(), source).unwrap();
-    let req = Request::new(
-        model,
-        gpus,
-        s.layout.clone(),
-        res,
-        Workload {
-            sample_steps: 4,
-            clips: 1,
-        },
-    )
-    .unwrap();
-    match plan(&req) {
+    match common::plan_s2v(s.gpus, s.size, source, s.layout.clone()) {
         Ok(p) => (p, true),
         Err(inf) => (inf.plan, false),
     }

@@ -1,9 +1,11 @@
 //! Known-good and known-infeasible deployments, with exact bytes from model-spec.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use planner::layout::{Layout, LayoutKind, T5Placement, VaePlacement};
 use planner::size::{AspectSource, SizeArg, resolve};
-use planner::{Catalog, Component, Infeasible, ModelSpec, Plan, Request, Workload, plan};
+use planner::{Catalog, Component, Infeasible, ModelSpec, Plan, Workload};
 
 fn layout(kind: LayoutKind, stages: u64, tp: u64, ulysses: u64, pp: u64) -> Layout {
     Layout {
@@ -25,21 +27,7 @@ fn layout(kind: LayoutKind, stages: u64, tp: u64, ulysses: u64, pp: u64) -> Layo
 }
 
 fn run(gpus: &str, size: &str, source: AspectSource, l: Layout) -> Result<Plan, Box<Infeasible>> {
-    let model = ModelSpec::builtin("s2v-14b").unwrap();
-    let gpus = Catalog::builtin().unwrap().parse_gpus(gpus).unwrap();
-    let res = resolve(SizeArg::parse(size).unwrap(), source).unwrap();
-    let req = Request::new(
-        model,
-        gpus,
-        l,
-        res,
-        Workload {
-            sample_steps: 4,
-            clips: 1,
-        },
-    )
-    .unwrap();
-    plan(&req)
+    common::plan_s2v(gpus, size, source, l)
 }
 
 fn get(p: &Plan, rank: usize, c: Component) -> u64 {
