@@ -2,8 +2,9 @@
 //! spawns a DiT rank and a VAE rank as separate `lava-worker` processes, and writes an MP4
 //! whose video (size from `lava plan`, 25 fps, 48·N − 3 frames) and audio ffprobe confirms.
 //! An infeasible plan starts nothing. Needs ffmpeg/ffprobe on PATH (.ci/run installs them).
-//! The latents' equality with a single-process run is tested in worker/src/role (same
-//! socket-communicator path, two threads).
+//! TPP layouts (4 stages × 1 step + a VAE rank; 2 stages × 2 steps with the VAE co-located on
+//! the last stage) produce the single-rank run's latents (`--save_latents`) over two clips, so
+//! the KV ring wraps and clip 1 re-prefills with the sink the last stage sends.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -226,4 +227,150 @@ fn killing_a_rank_mid_generation_ends_the_job() {
     let vae_alive = unsafe { libc::kill(vae, 0) } == 0;
     assert!(!vae_alive, "the VAE rank outlived the job:\n{log}");
     let _ = std::fs::remove_file(&out);
+}
+
+/// ffprobe's video and audio streams of `mp4`: (width, height, frame rate, frames, has audio).
+fn probe(mp4: &std::path::Path) -> (u64, u64, String, String, bool) {
+    let probe = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-of",
+            "json",
+            "-show_entries",
+        ])
+        .arg("stream=codec_type,width,height,r_frame_rate,nb_read_frames")
+        .arg(mp4)
+        .output()
+        .expect("ffprobe on PATH");
+    assert!(probe.status.success());
+    let probe: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
+    let streams = probe["streams"].as_array().unwrap();
+    let video = streams.iter().find(|s| s["codec_type"] == "video").unwrap();
+    (
+        video["width"].as_u64().unwrap(),
+        video["height"].as_u64().unwrap(),
+        video["r_frame_rate"].as_str().unwrap().to_string(),
+        video["nb_read_frames"].as_str().unwrap().to_string(),
+        streams.iter().any(|s| s["codec_type"] == "audio"),
+    )
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let n: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (d / n).sqrt()
+}
+
+/// The smallest size the tiny model takes for boy.jpg (latents of 8 × 8).
+const SMALL: &str = "64*64";
+
+/// Runs `lava generate` for 2 clips with `layout` flags; returns (final latents, mp4, log).
+fn generate_two_clips(name: &str, layout: &[&str]) -> (Vec<f32>, PathBuf, String) {
+    let tmp = std::env::temp_dir();
+    let pid = std::process::id();
+    let mp4 = tmp.join(format!("lava-{name}-{pid}.mp4"));
+    let lat = tmp.join(format!("lava-{name}-{pid}.f32"));
+    let run = Command::new(bin_dir().join("lava"))
+        .arg("generate")
+        .args([
+            "--model",
+            "tiny",
+            "--size",
+            SMALL,
+            "--image",
+            &data("boy.jpg"),
+        ])
+        .args(layout)
+        .args(["--audio", &data("speech_44k.mp3"), "--prompt", "a boy"])
+        .args(["--num_clip", "2", "--save_file"])
+        .arg(&mp4)
+        .arg("--save_latents")
+        .arg(&lat)
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "{name}:\n{log}");
+    let bytes = std::fs::read(&lat).unwrap();
+    let _ = std::fs::remove_file(&lat);
+    let latents = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (latents, mp4, log)
+}
+
+/// TPP = 4 stages + a VAE rank, and TPP = 2 stages (2 steps each) with the VAE co-located on
+/// the last stage, as separate processes: their final latents equal the single-rank run's
+/// (one DiT rank + VAE rank) within f32 rel L2 1e-6, their MP4s pass ffprobe (2 clips =
+/// 93 frames at 25 fps with audio), and the summary reports every stage and rank.
+#[test]
+fn tpp_layouts_equal_the_single_rank_run() {
+    let (want, mp4, _) = generate_two_clips(
+        "tpp1",
+        &[
+            "--gpus",
+            "2x24GB",
+            "--num_gpus_dit",
+            "1",
+            "--enable_vae_parallel",
+        ],
+    );
+    let (w, h, ..) = probe(&mp4);
+    let _ = std::fs::remove_file(&mp4);
+    assert!(want.iter().any(|v| *v != 0.0));
+    for (name, layout, stages, ranks) in [
+        (
+            "tpp4",
+            &[
+                "--gpus",
+                "5x24GB",
+                "--num_gpus_dit",
+                "4",
+                "--enable_vae_parallel",
+            ][..],
+            4,
+            5,
+        ),
+        (
+            "tpp2",
+            &[
+                "--gpus",
+                "2x24GB",
+                "--num_gpus_dit",
+                "2",
+                "--enable_vae_parallel",
+                "false",
+            ][..],
+            2,
+            2,
+        ),
+    ] {
+        let (got, mp4, log) = generate_two_clips(name, layout);
+        let err = rel_l2(&got, &want);
+        assert!(err <= 1e-6, "{name}: rel L2 {err}\n{log}");
+        assert_eq!(
+            probe(&mp4),
+            (w, h, "25/1".to_string(), "93".to_string(), true),
+            "{name}"
+        );
+        let _ = std::fs::remove_file(&mp4);
+        assert!(
+            log.contains("lava: block 7 (clip 1): frames 93/93"),
+            "{log}"
+        );
+        assert!(log.contains(&format!("stage {}:", stages - 1)), "{log}");
+        assert!(!log.contains(&format!("stage {stages}:")), "{log}");
+        assert!(log.contains("slowest stage: stage"), "{log}");
+        for r in 0..ranks {
+            assert!(log.contains(&format!("lava:     rank {r} (")), "{log}");
+        }
+        assert!(log.contains("first frame after"), "{log}");
+    }
 }

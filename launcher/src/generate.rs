@@ -2,21 +2,24 @@
 //! the VAE rank's frame stream as it arrives.
 //!
 //! This build runs the built-in tiny model (deterministic random weights generated on each
-//! rank, no checkpoint) on CPU ranks in one layout: one DiT rank running every denoising step
-//! (one step-cache per step) and a dedicated VAE rank. The CPU ranks are planned as the
-//! generic GPUs of `--gpus` (default `2x24GB`); other layouts are refused before spawning.
+//! rank, no checkpoint) on CPU ranks in TPP layouts: `--num_gpus_dit N` ranks, one per TPP
+//! stage (the steps split evenly over them, each with the step-caches of its own steps), and
+//! the VAE on a dedicated rank (`--enable_vae_parallel`) or co-located on the last stage. The
+//! CPU ranks are planned as the generic GPUs of `--gpus`; layouts that split a stage over
+//! several ranks (tp, Ulysses, pp, FSDP) are refused before spawning.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use planner::layout::{VaePlacement, mesh};
+use planner::layout::mesh;
 use proto::frames::v1::{self as fpb, frames_client::FramesClient};
 use proto::worker::v1::{self as pb, worker_client::WorkerClient};
 use proto::{Error, ErrorKind, exit};
 use tokio::task::JoinSet;
 
 use crate::plan::{PlanArgs, plan_for_generate};
+use crate::progress::Progress;
 use crate::spawn;
 use crate::supervise::{Job, LaunchArgs};
 
@@ -40,6 +43,10 @@ pub struct GenerateArgs {
     /// Output MP4.
     #[arg(long = "save_file", alias = "save-file", default_value = "lava.mp4")]
     pub save_file: PathBuf,
+    /// Also write every block's final latents here (raw little-endian f32, `[C, 3, h, w]` per
+    /// block, in order), to compare layouts.
+    #[arg(long = "save_latents", alias = "save-latents")]
+    pub save_latents: Option<PathBuf>,
     /// Path of the `lava-worker` executable [default: next to this `lava`].
     #[arg(long, env = "LAVA_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
@@ -65,21 +72,20 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
         eprintln!("lava generate: --image is required");
         return ExitCode::from(exit::BAD_INPUT);
     };
-    let (layout, resolution, model) = match plan_for_generate(&a.plan) {
+    let (layout, resolution, model, plan) = match plan_for_generate(&a.plan) {
         Ok(v) => v,
         Err(code) => return ExitCode::from(code),
     };
     if model.name != "tiny"
-        || layout.stages != 1
         || layout.tp * layout.ulysses * layout.pp != 1
-        || layout.vae != VaePlacement::Dedicated
+        || layout.fsdp
         || a.plan.sample_steps != 4
         || a.plan.infer_frames != 48
     {
         eprintln!(
-            "lava generate: this build runs the built-in tiny model with one DiT rank and a \
-             dedicated VAE rank (--model tiny --num_gpus_dit 1 --enable_vae_parallel, \
-             --sample_steps 4, --infer_frames 48); the planned layout is different"
+            "lava generate: this build runs the built-in tiny model (--model tiny) with one rank \
+             per TPP stage (--num_gpus_dit 1, 2 or 4; no --tp, --ulysses_size, --pp or --fsdp), \
+             --sample_steps 4 and --infer_frames 48; the planned layout is different"
         );
         return ExitCode::from(exit::BAD_INPUT);
     }
@@ -106,6 +112,8 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
         }
     };
     let setup = Setup {
+        planned_peak: plan.ranks.iter().map(|r| r.peak_bytes).collect(),
+        labels: plan.ranks.iter().map(|r| r.role_label.clone()).collect(),
         roles,
         image,
         width: resolution.width as u32,
@@ -127,6 +135,9 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
 
 struct Setup {
     roles: Vec<pb::RankRole>,
+    /// The plan's peak prediction and role label of every rank.
+    planned_peak: Vec<u64>,
+    labels: Vec<String>,
     image: PathBuf,
     width: u32,
     height: u32,
@@ -135,11 +146,13 @@ struct Setup {
 
 async fn generate(a: &GenerateArgs, s: Setup) -> Result<(), Error> {
     let world = u32::try_from(s.roles.len()).unwrap_or(u32::MAX);
+    // The dedicated VAE rank is started with the vae role; a co-located VAE rides on a DiT rank.
     let vae_rank = s
         .roles
         .iter()
         .position(|r| matches!(r.role, Some(pb::rank_role::Role::Vae(_))))
         .map(|r| r as u32);
+    let decoder = decoder_rank(&s.roles).ok_or_else(|| bad("the plan has no decoding rank"))?;
     let launch = LaunchArgs {
         nproc: Some(world),
         nnodes: Some(1),
@@ -161,7 +174,7 @@ async fn generate(a: &GenerateArgs, s: Setup) -> Result<(), Error> {
     let outcome = match job.ready().await {
         Ok(true) => {
             let registry = job.registry.clone();
-            job.watch(coordinate(a, &s, registry, vae_rank.unwrap_or(0)))
+            job.watch(coordinate(a, &s, registry, decoder))
                 .await
                 .map(|_| ())
         }
@@ -175,6 +188,18 @@ async fn generate(a: &GenerateArgs, s: Setup) -> Result<(), Error> {
     outcome
 }
 
+/// The rank that decodes and streams frames: the VAE rank, or the DiT rank hosting the VAE.
+fn decoder_rank(roles: &[pb::RankRole]) -> Option<u32> {
+    roles
+        .iter()
+        .position(|r| match &r.role {
+            Some(pb::rank_role::Role::Vae(_)) => true,
+            Some(pb::rank_role::Role::Dit(d)) => d.hosts_vae,
+            None => false,
+        })
+        .map(|r| r as u32)
+}
+
 async fn client(addr: &str, rank: u32) -> Result<WorkerClient<tonic::transport::Channel>, Error> {
     WorkerClient::connect(format!("http://{addr}"))
         .await
@@ -186,7 +211,7 @@ async fn coordinate(
     a: &GenerateArgs,
     s: &Setup,
     registry: std::sync::Arc<crate::coordinator::Registry>,
-    vae_rank: u32,
+    decoder: u32,
 ) -> Result<(), Error> {
     let regs = registry.entries();
     let world = s.roles.len();
@@ -206,9 +231,10 @@ async fn coordinate(
             layout.len()
         )));
     }
-    let rendezvous = regs
+    // Rank 0's communicator bootstrap: the socket rendezvous (CPU) or the NCCL id (CUDA).
+    let (rendezvous, nccl_id) = regs
         .get(&0)
-        .map(|r| r.comm_rendezvous_address.clone())
+        .map(|r| (r.comm_rendezvous_address.clone(), r.nccl_unique_id.clone()))
         .unwrap_or_default();
     let mut clients = Vec::new();
     for r in regs.values() {
@@ -229,7 +255,7 @@ async fn coordinate(
                 dtype: "f32".into(),
                 ..Default::default()
             }),
-            nccl_unique_id: Vec::new(),
+            nccl_unique_id: nccl_id.clone(),
             comm_rendezvous_address: rendezvous.clone(),
         };
         calls.spawn(async move { c.init(req).await.map(|_| ()) });
@@ -242,9 +268,13 @@ async fn coordinate(
         let req = pb::LoadRequest {
             job_id: registry.job_id.clone(),
         };
-        calls.spawn(async move { c.load(req).await.map(|_| ()) });
+        calls.spawn(async move {
+            c.load(req)
+                .await
+                .map(|r| (r.get_ref().rank, r.get_ref().peak_memory_bytes))
+        });
     }
-    join_all(calls).await?;
+    let load_peaks = join_all(calls).await?;
     spawn::say(&format!(
         "lava: {world} ranks loaded the built-in tiny model (random weights) in {:.1} s",
         t_load.elapsed().as_secs_f64()
@@ -262,31 +292,53 @@ async fn coordinate(
         infer_frames: s.frames_per_clip,
         sample_steps: a.plan.sample_steps as u32,
         seed: a.base_seed,
-        reply_rank: vae_rank,
+        reply_rank: decoder,
+        save_latents_path: a.save_latents.as_deref().map(abs).unwrap_or_default(),
     };
     let t0 = Instant::now();
     let mut calls = JoinSet::new();
     for c in &clients {
         let (mut c, req) = (c.clone(), req.clone());
-        calls.spawn(async move { c.generate(req).await.map(|_| ()) });
+        calls.spawn(async move { c.generate(req).await.map(|r| r.into_inner()) });
     }
-    let vae_addr = &regs
-        .get(&vae_rank)
-        .ok_or_else(|| bad("no VAE rank registered"))?
+    let dec_addr = &regs
+        .get(&decoder)
+        .ok_or_else(|| bad("the decoding rank did not register"))?
         .address;
-    let writing = write_frames(a, s, vae_addr, vae_rank, request_id, t0);
+    let blocks = a.plan.num_clip * u64::from(s.frames_per_clip / 12);
+    let expected = u64::from(s.frames_per_clip) * a.plan.num_clip - 3;
+    let mut progress = Progress::new(blocks, expected);
+    let writing = write_frames(a, s, dec_addr, decoder, request_id, &mut progress);
     let (written, generated) = tokio::join!(writing, join_all(calls));
-    generated?;
-    let (frames, first) = written?;
+    let replies = generated?;
+    written?;
     let total = t0.elapsed().as_secs_f64();
     spawn::say(&format!(
-        "lava: wrote {} ({frames} frames, {}×{}, 25 fps, with audio): first frame after {first:.2} s, \
-         {total:.1} s in all, {:.2} frames/s",
+        "lava: wrote {} ({} frames, {}×{}, 25 fps, with audio) in {total:.1} s",
         a.save_file.display(),
+        progress.frames(),
         s.width,
         s.height,
-        f64::from(frames) / total.max(1e-9)
     ));
+    let mut replies = replies;
+    replies.sort_by_key(|r| r.rank);
+    let mut ranks: Vec<(String, u64, u64)> = Vec::new();
+    for r in &replies {
+        let i = r.rank as usize;
+        let load = load_peaks
+            .iter()
+            .find(|(rank, _)| *rank == r.rank)
+            .map_or(0, |l| l.1);
+        let label = s.labels.get(i).cloned().unwrap_or_default();
+        ranks.push((
+            format!("rank {i} ({label})"),
+            r.peak_memory_bytes.max(load),
+            s.planned_peak.get(i).copied().unwrap_or(0),
+        ));
+    }
+    for line in progress.summary(total, &ranks) {
+        spawn::say_err(&line);
+    }
     Ok(())
 }
 
@@ -297,10 +349,14 @@ fn abs(p: &std::path::Path) -> String {
         .to_string()
 }
 
-async fn join_all(mut calls: JoinSet<Result<(), tonic::Status>>) -> Result<(), Error> {
+/// Every call's result in rank order of completion; the first failure otherwise.
+async fn join_all<T: 'static>(
+    mut calls: JoinSet<Result<T, tonic::Status>>,
+) -> Result<Vec<T>, Error> {
+    let mut out = Vec::new();
     while let Some(r) = calls.join_next().await {
         match r {
-            Ok(Ok(())) => {}
+            Ok(Ok(v)) => out.push(v),
             Ok(Err(status)) => return Err(Error::from(status)),
             Err(e) => {
                 return Err(Error::Unattributed {
@@ -310,18 +366,18 @@ async fn join_all(mut calls: JoinSet<Result<(), tonic::Status>>) -> Result<(), E
             }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
-/// Streams the VAE rank's frames into the MP4: (frames written, first-frame latency in s).
+/// Streams the decoding rank's frames into the MP4, reporting each block to `progress`.
 async fn write_frames(
     a: &GenerateArgs,
     s: &Setup,
     addr: &str,
     rank: u32,
     request_id: String,
-    t0: Instant,
-) -> Result<(u32, f64), Error> {
+    progress: &mut Progress,
+) -> Result<(), Error> {
     let lost = |e: String| Error::rank(rank, ErrorKind::PeerLost, e);
     let mut fc = FramesClient::connect(format!("http://{addr}"))
         .await
@@ -341,44 +397,31 @@ async fn write_frames(
         message: format!("writing {}: {e}", a.save_file.display()),
     };
     let mut mp4 = media::video::Mp4Writer::create(&a.save_file, &opts).map_err(internal)?;
-    let (mut frames, mut first) = (0u32, None);
     let frame_bytes = 3 * s.width as usize * s.height as usize;
     while let Some(chunk) = stream.message().await.map_err(Error::from)? {
-        if chunk.frame_start != frames
+        if u64::from(chunk.frame_start) != progress.frames()
             || chunk.data.len() != frame_bytes * chunk.frame_count as usize
         {
             return Err(Error::rank(
                 rank,
                 ErrorKind::Internal,
                 format!(
-                    "frame chunk of block {} starts at frame {} with {} bytes; expected frame {frames}",
+                    "frame chunk of block {} starts at frame {} with {} bytes; expected frame {}",
                     chunk.block_index,
                     chunk.frame_start,
-                    chunk.data.len()
+                    chunk.data.len(),
+                    progress.frames()
                 ),
             ));
         }
         for f in chunk.data.chunks_exact(frame_bytes) {
             mp4.write_rgb24(f).map_err(internal)?;
         }
-        frames += chunk.frame_count;
-        let el = t0.elapsed().as_secs_f64();
-        first.get_or_insert(el);
-        let decode_ms = chunk
-            .decode_end_unix_ns
-            .saturating_sub(chunk.decode_start_unix_ns)
-            / 1_000_000;
-        spawn::say(&format!(
-            "lava: block {} (clip {}): frames {frames}/{expected}, decode {decode_ms} ms, {:.2} frames/s, {:.1} s",
-            chunk.block_index,
-            chunk.clip_index,
-            f64::from(frames) / el.max(1e-9),
-            el
-        ));
+        progress.block(&chunk);
         if chunk.last {
             break;
         }
     }
     mp4.finish().map_err(internal)?;
-    Ok((frames, first.unwrap_or(0.0)))
+    Ok(())
 }

@@ -7,6 +7,7 @@ mod coordinator;
 mod env;
 mod generate;
 mod plan;
+mod progress;
 mod spawn;
 mod supervise;
 

@@ -409,7 +409,9 @@ fn json(v: &serde_json::Value) -> String {
 /// `lava generate`'s pre-launch check: the explicit layout of `a` planned at `a`'s size.
 /// Prints the plan; `Err` is the exit code (bad input or infeasible, message printed), and
 /// then nothing may be spawned.
-pub fn plan_for_generate(a: &PlanArgs) -> Result<(Layout, Resolution, ModelSpec), u8> {
+pub fn plan_for_generate(
+    a: &PlanArgs,
+) -> Result<(Layout, Resolution, ModelSpec, planner::Plan), u8> {
     let fail = |e: PlanError| {
         eprintln!("lava generate: {e}");
         EXIT_BAD_INPUT
@@ -427,7 +429,7 @@ pub fn plan_for_generate(a: &PlanArgs) -> Result<(Layout, Resolution, ModelSpec)
     match planner::plan(&req) {
         Ok(plan) => {
             print!("{}", render::fits(&plan));
-            Ok((layout, p.resolution, p.model))
+            Ok((layout, p.resolution, p.model, plan))
         }
         Err(inf) => {
             print!("{}", render::infeasible(&inf, &[]));

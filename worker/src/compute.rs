@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use proto::ErrorKind;
-use runtime::comm::{CommErrorKind, SocketComm, SocketOptions};
+use runtime::comm::{Comm, CommErrorKind, SocketComm, SocketOptions};
 use tokio::sync::oneshot;
 
 /// How long forming the communicator may take: every rank must have received its Init.
@@ -70,6 +70,8 @@ pub enum Rendezvous {
     Host(TcpListener),
     /// Other ranks: join rank 0 at this address (from Init).
     Join(SocketAddr),
+    /// CUDA ranks: the NCCL unique id rank 0 created and registered, fanned out in Init.
+    Nccl(Vec<u8>),
 }
 
 /// A failure of the compute thread, classified for the control plane.
@@ -92,25 +94,26 @@ pub enum Command {
         /// The outcome.
         reply: oneshot::Sender<Result<String, Failure>>,
     },
-    /// Build this rank's model (the built-in tiny model only): replies with its weight bytes.
+    /// Build this rank's model (the built-in tiny model only): replies with its weight bytes
+    /// and the peak of the device's memory tracker while loading.
     Load {
         /// Model name from Init.
         name: String,
         /// Checkpoint folder from Init (must be empty: checkpoints are not wired in yet).
         ckpt_dir: String,
-        /// This rank decodes (VAE rank) rather than denoises (DiT rank).
-        vae: bool,
-        reply: oneshot::Sender<Result<u64, Failure>>,
+        /// Which parts this rank holds: (DiT, VAE); both on a DiT rank hosting the VAE.
+        parts: (bool, bool),
+        reply: oneshot::Sender<Result<(u64, u64), Failure>>,
     },
     /// Run one generation on this rank over the communicator (see [`crate::role`]).
     Generate {
         job: crate::role::Job,
-        /// The peer: the VAE rank on the DiT rank, the DiT rank on the VAE rank.
-        peer: usize,
-        /// VAE rank only: where decoded blocks go.
+        /// Who talks to whom, from Init's layout.
+        topology: crate::role::topology::Topology,
+        /// Decoding rank only: where decoded blocks go.
         frames: Option<crate::role::FrameSink>,
-        /// (blocks, frames) done.
-        reply: oneshot::Sender<Result<(usize, usize), Failure>>,
+        /// What this rank did, and the peak of its memory tracker during the generation.
+        reply: oneshot::Sender<Result<(crate::role::Generated, u64), Failure>>,
     },
     /// Leave the loop.
     Stop,
@@ -203,13 +206,14 @@ fn open(device: Device) -> Result<(), String> {
 
 fn run(device: Device, rx: mpsc::Receiver<Command>) {
     // The communicator lives and dies on this thread, like the device context.
-    let mut comm: Option<SocketComm> = None;
+    let mut comm: Option<(Box<dyn Comm>, String)> = None;
     let mut model: Option<crate::role::Loaded> = None;
+    let tracker = runtime::memory::MemoryTracker::for_device(&runtime_device(device));
     while let Ok(cmd) = rx.recv() {
         // Receivers may have given up (timeouts); nothing to do then, hence the ignored sends.
         match cmd {
             Command::Probe(reply) => {
-                let _ = reply.send(probe(device, comm.as_ref()));
+                let _ = reply.send(probe(device, comm.as_ref().map(|c| c.1.as_str())));
             }
             Command::Connect {
                 rendezvous,
@@ -223,9 +227,8 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
                         "the communicator already exists".to_string(),
                     ))
                 } else {
-                    connect(rendezvous, rank, world).map(|c| {
-                        let detail =
-                            format!("socket communicator, rank {} of {}", c.rank(), c.world());
+                    connect(device, rendezvous, rank, world).map(|c| {
+                        let detail = c.1.clone();
                         comm = Some(c);
                         detail
                     })
@@ -235,24 +238,31 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
             Command::Load {
                 name,
                 ckpt_dir,
-                vae,
+                parts,
                 reply,
             } => {
-                let outcome = crate::role::Loaded::load(&name, &ckpt_dir, vae).map(|m| {
-                    let bytes = m.weight_bytes();
-                    model = Some(m);
-                    bytes
-                });
+                tracker.reset_peak();
+                let outcome =
+                    crate::role::Loaded::load(&name, &ckpt_dir, parts, runtime_device(device)).map(
+                        |m| {
+                            let bytes = m.weight_bytes();
+                            model = Some(m);
+                            (bytes, peak(&tracker))
+                        },
+                    );
                 let _ = reply.send(outcome);
             }
             Command::Generate {
                 job,
-                peer,
+                topology,
                 frames,
                 reply,
             } => {
+                tracker.reset_peak();
                 let outcome = match (&model, &comm) {
-                    (Some(m), Some(c)) => m.generate(c, peer, &job, frames),
+                    (Some(m), Some((c, _))) => m
+                        .generate(c.as_ref(), &topology, &job, frames)
+                        .map(|g| (g, peak(&tracker))),
                     _ => Err((
                         ErrorKind::WrongState,
                         "Generate needs Init (communicator) and Load first".to_string(),
@@ -263,15 +273,19 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
             Command::Stop => break,
         }
     }
-    if let Some(comm) = comm {
+    if let Some((comm, _)) = comm {
         // Peers blocked on us fail fast instead of waiting for their timeout.
         comm.abort();
     }
 }
 
+fn peak(tracker: &runtime::memory::MemoryTracker) -> u64 {
+    u64::try_from(tracker.stats().total_peak).unwrap_or(u64::MAX)
+}
+
 /// The device check of an expensive health probe: the compute thread answering, and on CUDA
 /// a synchronisation of the device's stream (a wedged or lost GPU fails it).
-fn probe(device: Device, comm: Option<&SocketComm>) -> Result<Probe, String> {
+fn probe(device: Device, comm: Option<&str>) -> Result<Probe, String> {
     runtime_device(device)
         .synchronize()
         .map_err(|e| format!("{}:{}: {e}", device.kind(), device.ordinal()))?;
@@ -281,28 +295,70 @@ fn probe(device: Device, comm: Option<&SocketComm>) -> Result<Probe, String> {
         device.ordinal()
     );
     if let Some(c) = comm {
-        detail.push_str(&format!(
-            "; socket communicator rank {} of {}",
-            c.rank(),
-            c.world()
-        ));
+        detail.push_str(&format!("; {c}"));
     }
     Ok(Probe { detail })
 }
 
-/// The CPU socket communicator (the control plane refuses multi-rank CUDA jobs before this).
-fn connect(rendezvous: Rendezvous, rank: usize, world: usize) -> Result<SocketComm, Failure> {
+/// The communicator: sockets between CPU ranks, NCCL between CUDA ranks (`cuda` feature),
+/// checked with a barrier. Returns it with a description.
+fn connect(
+    device: Device,
+    rendezvous: Rendezvous,
+    rank: usize,
+    world: usize,
+) -> Result<(Box<dyn Comm>, String), Failure> {
     let opts = SocketOptions {
         timeout: COLLECTIVE_TIMEOUT,
         connect_timeout: RENDEZVOUS_TIMEOUT,
     };
-    let comm = match rendezvous {
-        Rendezvous::Host(listener) => SocketComm::host(listener, world, opts),
-        Rendezvous::Join(addr) => SocketComm::join(addr, rank, world, opts),
-    }
-    .map_err(classify)?;
+    let comm: Box<dyn Comm> = match rendezvous {
+        Rendezvous::Host(listener) => {
+            Box::new(SocketComm::host(listener, world, opts).map_err(classify)?)
+        }
+        Rendezvous::Join(addr) => {
+            Box::new(SocketComm::join(addr, rank, world, opts).map_err(classify)?)
+        }
+        Rendezvous::Nccl(id) => nccl(device, &id, rank, world)?,
+    };
     comm.barrier().map_err(classify)?;
-    Ok(comm)
+    let kind = match device {
+        Device::Cpu => "socket",
+        Device::Cuda(_) => "NCCL",
+    };
+    let detail = format!(
+        "{kind} communicator, rank {} of {}",
+        comm.rank(),
+        comm.world()
+    );
+    Ok((comm, detail))
+}
+
+/// An NCCL communicator on this rank's CUDA device from rank 0's unique id.
+#[cfg(feature = "cuda")]
+fn nccl(device: Device, id: &[u8], rank: usize, world: usize) -> Result<Box<dyn Comm>, Failure> {
+    use runtime::comm::{NcclComm, NcclId};
+    let Device::Cuda(ordinal) = device else {
+        return Err((
+            ErrorKind::BadInput,
+            "an NCCL id reached a CPU rank".to_string(),
+        ));
+    };
+    let id = NcclId::from_bytes(id).map_err(|e| (ErrorKind::BadInput, e.to_string()))?;
+    let ordinal = usize::try_from(ordinal).unwrap_or(usize::MAX);
+    let comm = NcclComm::init_on_device(&id, rank, world, ordinal, RENDEZVOUS_TIMEOUT)
+        .map_err(classify)?;
+    comm.set_timeout(COLLECTIVE_TIMEOUT);
+    Ok(Box::new(comm))
+}
+
+/// Without the `cuda` feature no CUDA rank starts ([`Compute::start`]), so no NCCL id comes.
+#[cfg(not(feature = "cuda"))]
+fn nccl(_: Device, _: &[u8], _: usize, _: usize) -> Result<Box<dyn Comm>, Failure> {
+    Err((
+        ErrorKind::Unsupported,
+        "this lava-worker was built without the `cuda` feature (no NCCL)".to_string(),
+    ))
 }
 
 /// A peer that vanished or never came is a lost peer; anything else is internal.

@@ -203,15 +203,15 @@ impl Shared {
         if self.world_size == 1 {
             return Ok("one rank, no communicator".into());
         }
-        if self.device != Device::Cpu {
-            // NcclComm exists in runtime; creating its id on rank 0 and passing it through
-            // Register/Init is not wired into the worker yet.
-            return Err(self.err(
-                ErrorKind::Unsupported,
-                "multi-rank CUDA jobs need the NCCL bootstrap, not wired into lava-worker yet",
-            ));
-        }
-        let rendezvous = if self.rank == 0 {
+        let rendezvous = if self.device != Device::Cpu {
+            if init.nccl_unique_id.is_empty() {
+                return Err(self.err(
+                    ErrorKind::BadInput,
+                    "a multi-rank CUDA job needs rank 0's NCCL unique id in Init",
+                ));
+            }
+            Rendezvous::Nccl(init.nccl_unique_id.clone())
+        } else if self.rank == 0 {
             let listener = self
                 .rendezvous
                 .lock()
@@ -343,19 +343,23 @@ impl pb::worker_server::Worker for WorkerService {
         let model = plan.model.unwrap_or_default();
         let t0 = Instant::now();
         let (reply, rx) = oneshot::channel();
+        let parts = match plan.role.as_ref().and_then(|r| r.role.as_ref()) {
+            Some(Role::Dit(d)) => (true, d.hosts_vae),
+            _ => (false, true),
+        };
         let cmd = Command::Load {
             name: model.name,
             ckpt_dir: model.ckpt_dir,
-            vae: s.role == pb::RoleKind::Vae,
+            parts,
             reply,
         };
-        let weight_bytes = s.compute(cmd, rx).await?;
+        let (weight_bytes, peak_memory_bytes) = s.compute(cmd, rx).await?;
         s.set_state(pb::WorkerState::Loaded);
         log!("loaded: {weight_bytes} bytes of weights");
         Ok(Response::new(pb::LoadReply {
             rank: s.rank,
             weight_bytes,
-            peak_memory_bytes: 0,
+            peak_memory_bytes,
             elapsed_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
         }))
     }
@@ -376,24 +380,11 @@ impl pb::worker_server::Worker for WorkerService {
         let plan = s
             .plan()
             .ok_or_else(|| s.err(ErrorKind::WrongState, "no Init"))?;
-        // This build runs one DiT rank and one VAE rank: the peer is the other role.
-        let peer = plan
-            .layout
-            .iter()
-            .find(|e| {
-                let vae = matches!(
-                    e.role.as_ref().and_then(|r| r.role.as_ref()),
-                    Some(Role::Vae(_))
-                );
-                vae != (s.role == pb::RoleKind::Vae)
-            })
-            .map(|e| e.rank as usize);
-        let (Some(peer), 2) = (peer, plan.layout.len()) else {
-            return Err(s.err(
-                ErrorKind::Unsupported,
-                "this build generates with exactly one DiT rank and one VAE rank",
-            ));
-        };
+        let topology = crate::role::topology::Topology::new(
+            &plan.layout,
+            usize::try_from(s.rank).unwrap_or(usize::MAX),
+        )
+        .map_err(|e| s.err(ErrorKind::Unsupported, e))?;
         let size = planner::size::SizeArg::parse(&format!("{}*{}", req.width, req.height))
             .map_err(|e| s.err(ErrorKind::BadInput, e.to_string()))?;
         let job = crate::role::Job {
@@ -405,8 +396,10 @@ impl pb::worker_server::Worker for WorkerService {
             seed: req.seed,
             request_id: req.request_id.clone(),
             expect_size: Some((req.width as usize, req.height as usize)),
+            save_latents: (!req.save_latents_path.is_empty())
+                .then(|| req.save_latents_path.clone().into()),
         };
-        let frames = if s.role == pb::RoleKind::Vae {
+        let frames = if topology.decodes() {
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             s.frames
                 .lock()
@@ -421,7 +414,7 @@ impl pb::worker_server::Worker for WorkerService {
         let (reply, rx) = oneshot::channel();
         let cmd = Command::Generate {
             job,
-            peer,
+            topology,
             frames,
             reply,
         };
@@ -431,16 +424,16 @@ impl pb::worker_server::Worker for WorkerService {
         } else {
             pb::WorkerState::Failed
         });
-        let (blocks, frames) = outcome?;
-        log!("generated {blocks} blocks, {frames} frames");
+        let (done, peak_memory_bytes) = outcome?;
+        log!("generated {} blocks, {} frames", done.blocks, done.frames);
         let u = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         Ok(Response::new(pb::GenerateReply {
             request_id: req.request_id,
             rank: s.rank,
-            blocks: u(blocks),
-            frames: u(frames),
+            blocks: u(done.blocks),
+            frames: u(done.frames),
             elapsed_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
-            peak_memory_bytes: 0,
+            peak_memory_bytes,
         }))
     }
 

@@ -127,6 +127,13 @@ fn run(args: Args) -> anyhow::Result<u8> {
     } else {
         None
     };
+    // Rank 0 of a multi-rank CUDA job creates the NCCL unique id; it travels in the
+    // registration and reaches the other ranks in Init.
+    let nccl_id = if rank == 0 && args.world_size > 1 && device != Device::Cpu {
+        nccl_unique_id().map_err(|e| bad_input(rank, format!("creating the NCCL id: {e}")))?
+    } else {
+        Vec::new()
+    };
     let rendezvous_port = match &rendezvous {
         Some(l) => Some(
             l.local_addr()
@@ -138,7 +145,11 @@ fn run(args: Args) -> anyhow::Result<u8> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
     let setup = (rank, args.world_size, role, device);
     let shared = Arc::new(Shared::new(setup, rendezvous, compute.sender(), stop_tx));
-    let result = runtime.block_on(serve(&args, device, rendezvous_port, shared, stop_rx));
+    let boot = Bootstrap {
+        rendezvous_port,
+        nccl_id,
+    };
+    let result = runtime.block_on(serve(&args, device, boot, shared, stop_rx));
     // Give the compute thread a moment to leave its loop; it holds no state worth waiting for.
     compute.stop(Duration::from_secs(5));
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -147,10 +158,31 @@ fn run(args: Args) -> anyhow::Result<u8> {
     Ok(stop.exit_code())
 }
 
+/// What rank 0 announces for the communicator.
+struct Bootstrap {
+    /// Port of the socket rendezvous (CPU ranks).
+    rendezvous_port: Option<u16>,
+    /// The NCCL unique id (CUDA ranks).
+    nccl_id: Vec<u8>,
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_unique_id() -> Result<Vec<u8>, String> {
+    runtime::comm::NcclId::new()
+        .map(|id| id.to_bytes().to_vec())
+        .map_err(|e| e.to_string())
+}
+
+/// Unreachable in practice: a CUDA device is refused at start-up without the feature.
+#[cfg(not(feature = "cuda"))]
+fn nccl_unique_id() -> Result<Vec<u8>, String> {
+    Err("this lava-worker was built without the `cuda` feature".into())
+}
+
 async fn serve(
     args: &Args,
     device: Device,
-    rendezvous_port: Option<u16>,
+    boot: Bootstrap,
     shared: Arc<Shared>,
     mut stop_rx: tokio::sync::watch::Receiver<Option<Stop>>,
 ) -> anyhow::Result<Stop> {
@@ -172,7 +204,8 @@ async fn serve(
         .clone()
         .unwrap_or_else(|| bound.ip().to_string());
     let address = format!("{host}:{}", bound.port());
-    let rendezvous = rendezvous_port
+    let rendezvous = boot
+        .rendezvous_port
         .map(|port| format!("{host}:{port}"))
         .unwrap_or_default();
 
@@ -190,7 +223,7 @@ async fn serve(
         });
     let server = tokio::spawn(server);
 
-    let registration = register(args, device, &address, rendezvous);
+    let registration = register(args, device, &address, rendezvous, boot.nccl_id);
     let reply = tokio::select! {
         reply = registration => reply?,
         stop = wait_stop(&mut stop_rx) => return Ok(stop),
@@ -233,6 +266,7 @@ async fn register(
     device: Device,
     address: &str,
     comm_rendezvous_address: String,
+    nccl_unique_id: Vec<u8>,
 ) -> anyhow::Result<pb::RegisterReply> {
     let request = pb::RegisterRequest {
         rank: args.rank,
@@ -251,9 +285,8 @@ async fn register(
             total_memory_bytes: 0,
             free_memory_bytes: 0,
         }),
-        // NcclComm exists in runtime but its id is not created here yet (CUDA ranks refuse a
-        // multi-rank Init); CPU rank 0 sends its socket rendezvous.
-        nccl_unique_id: Vec::new(),
+        // Rank 0 only: the NCCL id (CUDA) or the socket rendezvous (CPU).
+        nccl_unique_id,
         comm_rendezvous_address,
         version: env!("CARGO_PKG_VERSION").into(),
     };

@@ -1,12 +1,18 @@
-//! The DiT rank: all denoising steps of every block with one step-cache per step
-//! ([`StreamRunner`]), each block's final latents sent to the VAE rank.
+//! A DiT rank: one TPP stage ([`StageRunner`], one step-cache per owned step). Per block the
+//! first stage starts from the clip's noise, every stage runs its steps and passes the
+//! latents on; the last stage hands each block's final latents to the decoder (a dedicated
+//! VAE rank, or its own co-located VAE) as soon as the block is done (§6.1, §6.3).
 
-use anyhow::Result;
-use runtime::comm::SocketComm;
-use runtime::models::wan::{CausalWanModelS2V, ClipInputs, RelativeDist, StreamRunner};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use runtime::comm::Comm;
+use runtime::models::wan::stream::StageRunner;
+use runtime::models::wan::{CausalWanModelS2V, RelativeDist};
 use runtime::sampling::{FlowMatchSchedule, clip_noise};
 use runtime::{DType, Device, Tensor};
 
+use super::topology::{StagePart, Topology};
 use super::{MOTION_FRAMES, Prepared, recv_tensor, send_tensor};
 
 /// Latents of the motion context: 73 frames ⇒ 19.
@@ -14,8 +20,20 @@ pub fn motion_latents() -> usize {
     1 + (MOTION_FRAMES - 1) / 4
 }
 
-/// Runs every clip, handing each block's final latents `[C, fpb, h, w]` to `on_block`
-/// (clip, block within the clip, latents) as soon as its clip is done.
+/// One block's final latents as the last stage hands them on.
+#[derive(Debug)]
+pub struct FinalBlock {
+    pub clip: usize,
+    /// `[C, fpb, h, w]`.
+    pub latents: Tensor,
+    /// Compute time of this block on each stage, ms, by stage.
+    pub stage_ms: Vec<f32>,
+}
+
+/// The whole generation in one process with every step in one [`StreamRunner`] (the
+/// single-rank reference the distributed runs are compared with): each block's final
+/// latents go to `on_block` (clip, block within the clip, latents).
+#[cfg(test)]
 pub fn generate(
     model: &CausalWanModelS2V,
     p: &Prepared,
@@ -24,6 +42,7 @@ pub fn generate(
     motion: Tensor,
     mut on_block: impl FnMut(usize, usize, &Tensor) -> Result<()>,
 ) -> Result<()> {
+    use runtime::models::wan::{ClipInputs, StreamRunner};
     let g = p.geometry;
     let c = model.cfg.in_dim;
     let steps = p.spec.stream.sample_steps as usize;
@@ -38,7 +57,11 @@ pub fn generate(
     )?;
     let lat = g.ring_frames;
     let frames = 4 * lat;
-    let cond = Tensor::zeros((c, lat, g.lat_h, g.lat_w), DType::F32, &Device::Cpu)?;
+    let cond = Tensor::zeros(
+        (model.cfg.cond_dim, lat, g.lat_h, g.lat_w),
+        DType::F32,
+        &Device::Cpu,
+    )?;
     for r in 0..p.clips {
         let clip = ClipInputs {
             noise: clip_noise(
@@ -61,21 +84,121 @@ pub fn generate(
     Ok(())
 }
 
-/// The DiT rank of a two-rank job: receive the VAE encodings, generate, send every block.
-pub fn run(
-    comm: &SocketComm,
-    vae_rank: usize,
+/// Runs this rank's stage over every block of every clip. `ref_latent` / `motion` are the
+/// VAE encodings (§4.6); the last stage calls `on_final` with each block's final latents.
+pub fn run_stage(
+    comm: &dyn Comm,
+    topo: &Topology,
     model: &CausalWanModelS2V,
     p: &Prepared,
     seed: u64,
+    (ref_latent, motion): (Tensor, Tensor),
+    mut on_final: impl FnMut(FinalBlock) -> Result<()>,
 ) -> Result<usize> {
-    let (c, h, w) = (model.cfg.in_dim, p.geometry.lat_h, p.geometry.lat_w);
-    let ref_latent = recv_tensor(comm, &[c, 1, h, w], vae_rank)?;
-    let motion = recv_tensor(comm, &[c, motion_latents(), h, w], vae_rank)?;
-    let mut blocks = 0;
-    generate(model, p, seed, ref_latent, motion, |_, _, x| {
-        blocks += 1;
-        send_tensor(comm, x, vae_rank)
-    })?;
-    Ok(blocks)
+    let part: &StagePart = topo
+        .stage
+        .as_ref()
+        .context("a DiT stage on a rank without one")?;
+    let g = p.geometry;
+    let (c, fpb, lat) = (model.cfg.in_dim, g.frames_per_block, g.ring_frames);
+    let dev = model.device();
+    let steps = p.spec.stream.sample_steps as usize;
+    if steps != topo.sample_steps {
+        anyhow::bail!(
+            "the layout covers {} denoising steps, the model samples {steps}",
+            topo.sample_steps
+        );
+    }
+    let mut runner = StageRunner::new(
+        model,
+        g,
+        FlowMatchSchedule::liveavatar(steps)?,
+        part.steps.clone(),
+        &p.context.to_device(&dev)?,
+        motion.to_device(&dev)?,
+        RelativeDist::seeded(seed),
+    )?;
+    let block_shape = [c, fpb, g.lat_h, g.lat_w];
+    // Pose latents: zeros without a pose video (§4.7).
+    let cond = Tensor::zeros(
+        (model.cfg.cond_dim, fpb, g.lat_h, g.lat_w),
+        DType::F32,
+        &dev,
+    )?;
+    let mut first: Option<Tensor> = None;
+    let mut done = 0;
+    for r in 0..p.clips {
+        match r {
+            0 => runner.prefill(&ref_latent.to_device(&dev)?)?,
+            // The clip-1 re-prefill with clip 0's first denoised latent (§4.6, §6.3): the last
+            // stage has it and sends it to every other DiT rank.
+            1 => {
+                let sink = if runner.is_last() {
+                    let sink = first.take().context("clip 0 produced no latent")?;
+                    for &peer in topo.dit_ranks.iter().filter(|&&d| d != topo.rank) {
+                        send_tensor(comm, &sink, peer)
+                            .context("sending clip 0's first latent (the new sink)")?;
+                    }
+                    sink
+                } else {
+                    recv_tensor(comm, &[c, 1, g.lat_h, g.lat_w], topo.final_rank, &dev)
+                        .context("receiving clip 0's first latent (the new sink)")?
+                };
+                runner.prefill(&sink)?;
+            }
+            _ => {}
+        }
+        let noise = if runner.is_first() {
+            Some(clip_noise(
+                seed,
+                r,
+                (c, lat, g.lat_h, g.lat_w),
+                DType::F32,
+                &dev,
+            )?)
+        } else {
+            None
+        };
+        for b in 0..p.blocks_per_clip() {
+            let (x, mut stage_ms) = match (&noise, part.prev) {
+                (Some(n), _) => (n.narrow(1, fpb * b, fpb)?, vec![0f32; topo.stages]),
+                (None, Some(prev)) => {
+                    let x = recv_tensor(comm, &block_shape, prev, &dev)?;
+                    let ms = recv_tensor(comm, &[topo.stages], prev, &dev)?;
+                    (x, ms.to_vec_f32()?)
+                }
+                (None, None) => anyhow::bail!("stage {} has no input", part.stage),
+            };
+            let f0 = 4 * (lat * r + fpb * b);
+            let audio = p.audio.narrow(3, f0, 4 * fpb)?.to_device(&dev)?;
+            let t0 = Instant::now();
+            let x = runner.run_block(r, b, &x, &audio, &cond)?;
+            runtime_sync(&dev)?;
+            stage_ms[part.stage] = t0.elapsed().as_secs_f32() * 1e3;
+            match part.next {
+                Some(next) => {
+                    send_tensor(comm, &x, next)?;
+                    let ms = Tensor::from_vec(stage_ms, topo.stages, &Device::Cpu)?;
+                    send_tensor(comm, &ms.to_device(&dev)?, next)?;
+                }
+                None => {
+                    if (r, b) == (0, 0) && p.clips > 1 {
+                        first = Some(x.narrow(1, 0, 1)?);
+                    }
+                    on_final(FinalBlock {
+                        clip: r,
+                        latents: x,
+                        stage_ms,
+                    })?;
+                }
+            }
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// Waits for the device so that a block's time is its compute, not its queueing.
+fn runtime_sync(dev: &Device) -> Result<()> {
+    Ok(dev.synchronize()?)
 }

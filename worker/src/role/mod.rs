@@ -1,18 +1,20 @@
-//! The per-rank generation loop of the simplest TPP layout: one DiT rank running every
-//! denoising step of every block (one step-cache per step, as TPP stages would hold them) and a
-//! dedicated VAE rank, latents passed rank to rank over the socket communicator (§6.1, §6.3).
+//! The per-rank generation loop of a TPP layout (§6.1, §6.3): one rank per TPP stage, each
+//! with the step-caches of its own steps, and the VAE on a dedicated rank or co-located on the
+//! last stage; latents pass rank to rank over the communicator ([`topology`] has the wiring).
 //!
 //! ```text
-//! VAE rank: image ─ encode ─▶ ref [16,1,h,w], motion [16,19,h,w] ──send──▶ DiT rank
-//! DiT rank: StreamRunner per clip ─ each block's final latents [16,3,h,w] ──send──▶ VAE rank
-//! VAE rank: prime with 7 motion latents, decode each block, frames ─▶ callback
+//! decoder: image ─ encode ─▶ ref [16,1,h,w], motion [16,19,h,w] ──send──▶ every DiT rank
+//! stage s: per block: noise (s = 0) or latents from stage s−1 ─ its steps ─▶ stage s+1
+//! last stage: each block's final latents [16,3,h,w] ──▶ decoder (as soon as the block is done)
+//! decoder: prime with 7 motion latents, decode each block, frames ─▶ coordinator
 //! ```
 //!
-//! Both ranks preprocess the image and audio themselves (cheap, deterministic), so only the
-//! VAE latents and the denoised blocks travel.
+//! Every rank preprocesses the image and audio itself (cheap, deterministic), so only the VAE
+//! latents, the denoised blocks and the clip-1 sink travel.
 
 pub mod dit;
 pub mod tiny;
+pub mod topology;
 pub mod vae;
 
 use std::path::PathBuf;
@@ -20,9 +22,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use planner::ModelSpec;
 use planner::size::SizeArg;
-use runtime::comm::SocketComm;
+use runtime::comm::Comm;
 use runtime::models::wan::StreamGeometry;
-use runtime::{DType, Device, Tensor};
+use runtime::{DType, Device, Shape, Tensor};
+
+use topology::Topology;
 
 /// Latent frames of the motion context the VAE rank decodes (and discards) to prime its caches.
 pub const PRIME_LATENTS: usize = 7;
@@ -44,6 +48,9 @@ pub struct Job {
     pub request_id: String,
     /// (width, height) the coordinator planned; refused when the image resolves otherwise.
     pub expect_size: Option<(usize, usize)>,
+    /// The decoding rank writes every block's final latents here (raw little-endian f32,
+    /// `[C, fpb, h, w]` per block, in order).
+    pub save_latents: Option<PathBuf>,
 }
 
 /// Inputs derived identically on every rank.
@@ -116,11 +123,12 @@ pub const TINY_WEIGHT_SEED: u64 = 0;
 /// Where the VAE rank puts each decoded block: RGB24 frame chunks for the Frames stream.
 pub type FrameSink = tokio::sync::mpsc::Sender<proto::frames::v1::FrameChunk>;
 
-/// A loaded rank model.
-#[derive(Debug)]
-pub enum Loaded {
-    Dit(Box<runtime::models::wan::CausalWanModelS2V>),
-    Vae(Box<runtime::models::vae::WanVae>),
+/// This rank's models: the DiT on DiT ranks, the VAE on the decoding rank (both when the
+/// VAE is co-located on the last stage).
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub dit: Option<Box<runtime::models::wan::CausalWanModelS2V>>,
+    pub vae: Option<Box<runtime::models::vae::WanVae>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> crate::compute::Failure {
@@ -151,9 +159,23 @@ fn classify(e: anyhow::Error) -> crate::compute::Failure {
     (kind, format!("{e:#}"))
 }
 
+/// What one rank did in a generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Generated {
+    pub blocks: usize,
+    /// Frames decoded (0 on ranks that do not decode).
+    pub frames: usize,
+}
+
 impl Loaded {
-    /// The built-in tiny model's part for this rank; checkpoints are refused (not wired yet).
-    pub fn load(name: &str, ckpt_dir: &str, vae: bool) -> Result<Self, crate::compute::Failure> {
+    /// The built-in tiny model's parts for this rank on `device`; checkpoints are refused
+    /// (not wired yet).
+    pub fn load(
+        name: &str,
+        ckpt_dir: &str,
+        (dit, vae): (bool, bool),
+        device: Device,
+    ) -> Result<Self, crate::compute::Failure> {
         if !ckpt_dir.is_empty() || name != "tiny" {
             return Err((
                 proto::ErrorKind::Unsupported,
@@ -164,38 +186,49 @@ impl Loaded {
             ));
         }
         let spec = ModelSpec::builtin("tiny").map_err(internal)?;
-        Ok(if vae {
-            Loaded::Vae(Box::new(
-                tiny::vae(&spec, TINY_WEIGHT_SEED).map_err(load_failure)?,
-            ))
-        } else {
-            Loaded::Dit(Box::new(
-                tiny::dit(&spec, TINY_WEIGHT_SEED).map_err(load_failure)?,
-            ))
+        let _w = runtime::memory::scope(runtime::memory::Category::Weights);
+        Ok(Loaded {
+            dit: if dit {
+                Some(Box::new(
+                    tiny::dit_on(&spec, TINY_WEIGHT_SEED, device).map_err(load_failure)?,
+                ))
+            } else {
+                None
+            },
+            vae: if vae {
+                Some(Box::new(
+                    tiny::vae_on(&spec, TINY_WEIGHT_SEED, device).map_err(load_failure)?,
+                ))
+            } else {
+                None
+            },
         })
     }
 
-    /// Bytes of weights held (the DiT's from the tiny spec's parameter count, f32).
+    /// Bytes of weights held (from the tiny spec's parameter counts, f32).
     pub fn weight_bytes(&self) -> u64 {
-        let spec = match ModelSpec::builtin("tiny") {
-            Ok(s) => s,
-            Err(_) => return 0,
+        let Ok(spec) = ModelSpec::builtin("tiny") else {
+            return 0;
         };
-        let params = match self {
-            Loaded::Dit(_) => planner::params::DitParams::new(&spec.dit).total(),
-            Loaded::Vae(_) => planner::params::vae_params(&spec.vae).total(),
-        };
-        4 * params
+        let dit = self
+            .dit
+            .as_ref()
+            .map_or(0, |_| planner::params::DitParams::new(&spec.dit).total());
+        let vae = self
+            .vae
+            .as_ref()
+            .map_or(0, |_| planner::params::vae_params(&spec.vae).total());
+        4 * (dit + vae)
     }
 
-    /// One generation on this rank: (blocks, frames).
+    /// One generation on this rank.
     pub fn generate(
         &self,
-        comm: &SocketComm,
-        peer: usize,
+        comm: &dyn Comm,
+        topo: &Topology,
         job: &Job,
         frames: Option<FrameSink>,
-    ) -> Result<(usize, usize), crate::compute::Failure> {
+    ) -> Result<Generated, crate::compute::Failure> {
         let p = prepare(job).map_err(|e| (proto::ErrorKind::BadInput, format!("{e:#}")))?;
         if let Some((w, h)) = job.expect_size
             && (w, h) != (p.width, p.height)
@@ -208,43 +241,111 @@ impl Loaded {
                 ),
             ));
         }
-        // A rank waits for its peer's compute (a whole clip, the motion-context encode), which
-        // on slow CPUs exceeds the collective timeout; a dead peer still fails at once (its
-        // sockets close), so only a hung one waits this long.
+        // A rank waits for its peers' compute (a whole stage of a block, the motion-context
+        // encode), which on slow CPUs exceeds the collective timeout; a dead peer still fails
+        // at once (its sockets close), so only a hung one waits this long.
         let usual = comm.timeout();
         comm.set_timeout(usual.max(GENERATE_TIMEOUT));
-        let out = self.generate_inner(comm, peer, job, &p, frames);
+        let out = self.generate_inner(comm, topo, job, &p, frames);
         comm.set_timeout(usual);
-        out
+        out.map_err(classify)
     }
 
     fn generate_inner(
         &self,
-        comm: &SocketComm,
-        peer: usize,
+        comm: &dyn Comm,
+        topo: &Topology,
         job: &Job,
         p: &Prepared,
         frames: Option<FrameSink>,
-    ) -> Result<(usize, usize), crate::compute::Failure> {
-        match self {
-            Loaded::Dit(m) => dit::run(comm, peer, m, p, job.seed)
-                .map(|b| (b, 0))
-                .map_err(classify),
-            Loaded::Vae(v) => {
-                let mut total = 0;
-                let blocks = vae::run(comm, peer, v, p, |b| {
-                    total += b.frames;
-                    if let Some(sink) = &frames {
-                        let chunk = frame_chunk(&job.request_id, p, &b)?;
-                        // A coordinator that went away is not this rank's failure.
-                        let _ = sink.blocking_send(chunk);
-                    }
-                    Ok(())
-                })
-                .map_err(classify)?;
-                Ok((blocks, total))
+    ) -> Result<Generated> {
+        let mut out = Output::new(job, p, frames, topo.decodes())?;
+        let missing = |what: &str| anyhow::anyhow!("rank {} holds no {what}", topo.rank);
+        let blocks = match &topo.stage {
+            None => {
+                let vae = self.vae.as_deref().ok_or_else(|| missing("VAE"))?;
+                vae::run(comm, topo, vae, p, |b| out.emit(b))?
+            }
+            Some(_) => {
+                let dit = self.dit.as_deref().ok_or_else(|| missing("DiT"))?;
+                if topo.decodes() {
+                    let vae = self.vae.as_deref().ok_or_else(|| missing("VAE"))?;
+                    let conds = vae::encode_and_send(comm, topo, vae, p)?;
+                    let mut dec = vae::Decoder::new(vae, &conds.1)?;
+                    dit::run_stage(comm, topo, dit, p, job.seed, conds, |fb| {
+                        let b = dec.decode(fb, std::time::Instant::now())?;
+                        out.emit(b)
+                    })?
+                } else {
+                    let (c, g) = (dit.cfg.in_dim, p.geometry);
+                    let (from, dev) = (topo.decoder_rank, dit.device());
+                    let r = recv_tensor(comm, &[c, 1, g.lat_h, g.lat_w], from, &dev)?;
+                    let m = recv_tensor(
+                        comm,
+                        &[c, dit::motion_latents(), g.lat_h, g.lat_w],
+                        from,
+                        &dev,
+                    )?;
+                    dit::run_stage(comm, topo, dit, p, job.seed, (r, m), |fb| {
+                        send_tensor(comm, &fb.latents, from)?;
+                        let ms = Tensor::from_vec(fb.stage_ms, topo.stages, &Device::Cpu)?;
+                        send_tensor(comm, &ms.to_device(&dev)?, from)
+                    })?
+                }
+            }
+        };
+        Ok(Generated {
+            blocks,
+            frames: out.frames,
+        })
+    }
+}
+
+/// Where the decoding rank's blocks go: frame chunks to the coordinator, and the final
+/// latents to `--save_latents` when asked.
+struct Output<'a> {
+    job: &'a Job,
+    p: &'a Prepared,
+    sink: Option<FrameSink>,
+    latents: Option<std::io::BufWriter<std::fs::File>>,
+    frames: usize,
+}
+
+impl<'a> Output<'a> {
+    fn new(job: &'a Job, p: &'a Prepared, sink: Option<FrameSink>, decodes: bool) -> Result<Self> {
+        let latents = match (&job.save_latents, decodes) {
+            (Some(path), true) => Some(std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            )),
+            _ => None,
+        };
+        Ok(Self {
+            job,
+            p,
+            sink,
+            latents,
+            frames: 0,
+        })
+    }
+
+    fn emit(&mut self, b: vae::BlockFrames) -> Result<()> {
+        use std::io::Write as _;
+        self.frames += b.frames;
+        if let Some(w) = &mut self.latents {
+            let v = b.latents.to_vec_f32()?;
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            w.write_all(&bytes)?;
+            if b.block + 1 == self.p.clips * self.p.blocks_per_clip() {
+                w.flush()?;
             }
         }
+        if let Some(sink) = &self.sink {
+            let chunk = frame_chunk(&self.job.request_id, self.p, &b)?;
+            // A coordinator that went away is not this rank's failure.
+            let _ = sink.blocking_send(chunk);
+        }
+        Ok(())
     }
 }
 
@@ -293,28 +394,28 @@ fn frame_chunk(
         decode_end_unix_ns: unix_ns(b.decode_end),
         sent_unix_ns: unix_ns(std::time::Instant::now()),
         last: b.block + 1 == total_blocks,
+        stage_ms: b.stage_ms.clone(),
     })
 }
 
-/// Sends an f32 tensor's values (the receiver knows the shape).
-pub fn send_tensor(comm: &SocketComm, t: &Tensor, peer: usize) -> Result<()> {
-    let v = t.to_vec_f32()?;
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    comm.send_bytes(&bytes, peer)
+/// Sends `t` as f32 (lossless for the bf16 and f32 latents that travel; the receiver knows
+/// the shape).
+pub fn send_tensor(comm: &dyn Comm, t: &Tensor, peer: usize) -> Result<()> {
+    comm.send(&t.to_dtype(DType::F32)?, peer)
         .with_context(|| format!("sending {:?} to rank {peer}", t.dims()))
 }
 
-/// Receives an f32 tensor of `shape` sent by [`send_tensor`].
-pub fn recv_tensor(comm: &SocketComm, shape: &[usize], peer: usize) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut bytes = vec![0u8; 4 * n];
-    comm.recv_bytes(&mut bytes, peer)
+/// Receives an f32 tensor of `shape` sent by [`send_tensor`], on `device`.
+pub fn recv_tensor(
+    comm: &dyn Comm,
+    shape: &[usize],
+    peer: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = comm
+        .recv(&Shape::from(shape.to_vec()), DType::F32, peer)
         .with_context(|| format!("receiving {shape:?} from rank {peer}"))?;
-    let v: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok(Tensor::from_vec(v, shape.to_vec(), &Device::Cpu)?.to_dtype(DType::F32)?)
+    Ok(t.to_device(device)?)
 }
 
 #[cfg(test)]
@@ -324,7 +425,8 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
-    use runtime::comm::SocketOptions;
+    use proto::worker::v1 as pb;
+    use runtime::comm::{SocketComm, SocketOptions};
 
     use super::*;
 
@@ -339,6 +441,7 @@ mod tests {
             seed: 420,
             request_id: "t".into(),
             expect_size: None,
+            save_latents: None,
         }
     }
 
@@ -349,45 +452,72 @@ mod tests {
         (d / n).sqrt()
     }
 
-    /// DiT rank and VAE rank on two threads over the socket communicator: the latents the VAE
-    /// rank receives equal a single-process StreamRunner run on the same seed, and the frame
-    /// count is 48·N − 3.
-    #[test]
-    fn two_rank_latents_equal_the_single_process_run() {
-        let job = test_job(2);
-        let p = prepare(&job).unwrap();
+    /// Runs `layout` on one thread per rank over the socket communicator; returns the final
+    /// latents the decoding rank saved and the frames it decoded.
+    fn run_layout(layout: &[pb::RankEntry], job: &Job, tag: &str) -> (Vec<f32>, usize) {
+        let world = layout.len();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let opts = SocketOptions {
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
         };
-        let dit_job = job.clone();
-        let dit = std::thread::spawn(move || {
-            let comm = SocketComm::host(listener, 2, opts).unwrap();
-            let p = prepare(&dit_job).unwrap();
-            let model = tiny::dit(&p.spec, 1).unwrap();
-            dit::run(&comm, 1, &model, &p, dit_job.seed).unwrap()
-        });
-        let comm = SocketComm::join(addr, 1, 2, opts).unwrap();
-        let vae = tiny::vae(&p.spec, 2).unwrap();
-        let mut got = Vec::new();
-        let mut frames = 0;
-        let blocks = vae::run(&comm, 0, &vae, &p, |b| {
-            assert_eq!(b.frame_start, frames);
-            assert_eq!(b.pixels.len(), 3 * b.frames * p.height * p.width);
-            assert!(b.pixels.iter().all(|v| v.is_finite() && v.abs() <= 1.0));
-            frames += b.frames;
-            got.extend(b.latents.to_vec_f32()?);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(dit.join().unwrap(), blocks);
-        assert_eq!(blocks, p.clips * p.blocks_per_clip());
-        assert_eq!(frames, 48 * p.clips - 3);
+        let path = std::env::temp_dir().join(format!("lava-{tag}-{}.f32", std::process::id()));
+        let mut listener = Some(listener);
+        let ranks: Vec<_> = (0..world)
+            .map(|rank| {
+                let l = listener.take();
+                let (layout, mut job) = (layout.to_vec(), job.clone());
+                job.save_latents = Some(path.clone());
+                std::thread::spawn(move || {
+                    let comm = match l {
+                        Some(l) => SocketComm::host(l, world, opts).unwrap(),
+                        None => SocketComm::join(addr, rank, world, opts).unwrap(),
+                    };
+                    let topo = Topology::new(&layout, rank).unwrap();
+                    let parts = (topo.stage.is_some(), topo.decodes());
+                    let m = Loaded::load("tiny", "", parts, Device::Cpu).unwrap();
+                    let (tx, mut rx) = tokio::sync::mpsc::channel(1000);
+                    let g = m.generate(&comm, &topo, &job, Some(tx)).unwrap();
+                    let mut chunks = 0;
+                    while let Ok(c) = rx.try_recv() {
+                        assert_eq!(c.stage_ms.len(), topo.stages);
+                        assert!(c.stage_ms.iter().all(|ms| *ms > 0.0), "{:?}", c.stage_ms);
+                        chunks += 1;
+                    }
+                    assert_eq!(chunks, if topo.decodes() { g.blocks } else { 0 });
+                    g
+                })
+            })
+            .collect();
+        let done: Vec<Generated> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+        let p = prepare(job).unwrap();
+        let blocks = p.clips * p.blocks_per_clip();
+        assert!(done.iter().all(|g| g.blocks == blocks), "{done:?}");
+        let frames = done.iter().map(|g| g.frames).sum();
+        let bytes = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let got = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        (got, frames)
+    }
 
-        // The same generation in one process.
-        let model = tiny::dit(&p.spec, 1).unwrap();
+    /// TPP over threads and the socket communicator: 4 stages × 1 step + a VAE rank, 2 stages ×
+    /// 2 steps with the VAE co-located on the last, and 1 stage + VAE rank: the final latents
+    /// equal a single-process StreamRunner run on the same seed over 2 clips (so the ring wraps
+    /// and clip 1 re-prefills with the sink the last stage sends), and 48·N − 3 frames decode.
+    #[test]
+    fn tpp_layouts_equal_the_single_process_run() {
+        use planner::layout::VaePlacement;
+        let job = Job {
+            size: SizeArg::parse("64*64").unwrap(),
+            ..test_job(2)
+        };
+        let p = prepare(&job).unwrap();
+        let model = tiny::dit(&p.spec, TINY_WEIGHT_SEED).unwrap();
+        let vae = tiny::vae(&p.spec, TINY_WEIGHT_SEED).unwrap();
         let (r, m) = vae::encode_conditions(&vae, &p).unwrap();
         let mut want = Vec::new();
         dit::generate(&model, &p, job.seed, r, m, |_, _, x| {
@@ -395,9 +525,18 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let err = rel_l2(&got, &want);
-        assert!(err <= 1e-6, "rel L2 {err}");
         assert!(want.iter().any(|v| *v != 0.0));
+        for (stages, vae) in [
+            (4, VaePlacement::Dedicated),
+            (2, VaePlacement::Colocated),
+            (1, VaePlacement::Dedicated),
+        ] {
+            let layout = topology::tests::layout(stages, vae);
+            let (got, frames) = run_layout(&layout, &job, &format!("tpp{stages}"));
+            let err = rel_l2(&got, &want);
+            assert!(err <= 1e-6, "{stages} stages, {vae:?}: rel L2 {err}");
+            assert_eq!(frames, 48 * p.clips - 3);
+        }
     }
 
     #[test]

@@ -22,26 +22,35 @@ use runtime::{DType, Device, Tensor};
 /// Samples of one video frame at 16 kHz and 25 fps.
 const SAMPLES_PER_FRAME: usize = 16_000 / 25;
 
-/// The tiny DiT in f32 from random weights seeded by `seed`.
+/// The tiny DiT in f32 on the CPU from random weights seeded by `seed`.
+#[cfg(test)]
 pub fn dit(spec: &ModelSpec, seed: u64) -> Result<CausalWanModelS2V> {
+    dit_on(spec, seed, Device::Cpu)
+}
+
+/// The tiny DiT in f32 on `device` from random weights seeded by `seed`.
+pub fn dit_on(spec: &ModelSpec, seed: u64, device: Device) -> Result<CausalWanModelS2V> {
     let cfg = WanConfig::from(spec);
     let rw = RandomWeights::new(seed, cfg.expected_tensors());
     Ok(CausalWanModelS2V::load(
         &cfg,
-        &VarBuilder::random(&rw, DType::F32, Device::Cpu),
+        &VarBuilder::random(&rw, DType::F32, device),
     )?)
 }
 
-/// The tiny VAE in f32 from random weights seeded by `seed`.
+/// The tiny VAE in f32 on the CPU from random weights seeded by `seed`.
+#[cfg(test)]
 pub fn vae(spec: &ModelSpec, seed: u64) -> Result<WanVae> {
+    vae_on(spec, seed, Device::Cpu)
+}
+
+/// The tiny VAE in f32 on `device` from random weights seeded by `seed`.
+pub fn vae_on(spec: &ModelSpec, seed: u64, device: Device) -> Result<WanVae> {
     let cfg = VaeConfig::from_spec(&spec.vae)?;
     let tensors = vae_tensors(&cfg)?;
     let names = tensors.iter().map(|(n, _)| n.clone()).collect();
     let src = Random(RandomWeights::new(seed, tensors), names);
-    Ok(WanVae::load(
-        &VarsRoot::new(&src, DType::F32, Device::Cpu),
-        cfg,
-    )?)
+    Ok(WanVae::load(&VarsRoot::new(&src, DType::F32, device), cfg)?)
 }
 
 /// The VAE's tensor names and shapes, as its loader asks for them: a probe source answers
