@@ -1,6 +1,8 @@
 //! Named weight access with prefixes (`vb.pp("blocks.0").pp("self_attn")`), so model code
 //! mirrors the checkpoint keys (candle's `VarBuilder` pattern).
 
+use std::collections::BTreeMap;
+
 use crate::memory::{Category, scope};
 use crate::weights::{Checkpoint, CheckpointErrorKind, Lora, RandomWeights, ShardHint};
 use crate::{DType, Device, Error, Result, Tensor};
@@ -11,6 +13,9 @@ enum Source<'a> {
     Checkpoint(&'a Checkpoint),
     /// Seeded random weights (benchmarks without a checkpoint).
     Random(&'a RandomWeights),
+    /// Tensors already in memory by full name, LoRA merged and in the model dtype (an FSDP
+    /// unit after its all-gather); sharded ones are this rank's part.
+    Parts(&'a BTreeMap<String, Tensor>),
 }
 
 /// Loads tensors of one checkpoint (with an optional LoRA merged at load) in `dtype`.
@@ -47,11 +52,51 @@ impl<'a> VarBuilder<'a> {
         }
     }
 
+    /// Tensors held in memory (see [`Source`]): `get` expects the full shape, `get_sharded`
+    /// the shape of this rank's part.
+    pub fn from_parts(parts: &'a BTreeMap<String, Tensor>, dtype: DType, device: Device) -> Self {
+        Self {
+            src: Source::Parts(parts),
+            lora: None,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
     fn origin(&self) -> String {
         match self.src {
             Source::Checkpoint(c) => c.dir().display().to_string(),
             Source::Random(_) => "<random weights>".into(),
+            Source::Parts(_) => "<gathered parts>".into(),
         }
+    }
+
+    fn part(
+        &self,
+        parts: &BTreeMap<String, Tensor>,
+        full: &str,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let t = parts.get(full).ok_or_else(|| Error::Checkpoint {
+            path: self.origin(),
+            kind: CheckpointErrorKind::MissingTensor {
+                name: full.to_string(),
+                expected: shape.to_vec(),
+                more: 0,
+            },
+        })?;
+        if t.dims() != shape {
+            return Err(Error::Checkpoint {
+                path: self.origin(),
+                kind: CheckpointErrorKind::ShapeMismatch {
+                    name: full.to_string(),
+                    expected: shape.to_vec(),
+                    got: t.dims().to_vec(),
+                },
+            });
+        }
+        t.to_dtype(self.dtype)
     }
 
     /// A builder for the sub-module `name`.
@@ -90,6 +135,7 @@ impl<'a> VarBuilder<'a> {
         let stored = match self.src {
             Source::Checkpoint(c) => c.tensor(&full, &self.device)?,
             Source::Random(r) => r.tensor(&full, &self.device)?,
+            Source::Parts(p) => return self.part(p, &full, shape),
         };
         if stored.dims() != shape {
             return Err(Error::Checkpoint {
@@ -119,13 +165,33 @@ impl<'a> VarBuilder<'a> {
     /// This rank's part of tensor `name` (full shape `shape`) split by `hint`; only its byte
     /// ranges are read, and the LoRA delta is formed for that part only (tensor-parallel
     /// loading, style rule 6).
+    /// A hint of world size 1 is the whole tensor ([`VarBuilder::get`]).
     pub fn get_sharded(&self, name: &str, shape: &[usize], hint: ShardHint) -> Result<Tensor> {
+        if hint.world == 1 {
+            return self.get(name, shape);
+        }
         let full = self.full(name);
-        let Source::Checkpoint(ckpt) = self.src else {
-            return Err(Error::invalid(
-                "VarBuilder",
-                format!("{full}: sharded loading from random weights is not supported"),
-            ));
+        let ckpt = match self.src {
+            Source::Checkpoint(c) => c,
+            // Generated whole (they are seeded by name), then cut.
+            Source::Random(_) => {
+                let t = self.get(name, shape)?;
+                let _g = scope(Category::Weights);
+                return crate::parallel::shard_of(&t, hint);
+            }
+            Source::Parts(p) => {
+                let mut part = shape.to_vec();
+                match part.get_mut(hint.dim) {
+                    Some(d) if hint.world > 0 && d.is_multiple_of(hint.world) => *d /= hint.world,
+                    _ => {
+                        return Err(Error::invalid(
+                            "VarBuilder",
+                            format!("{full}: {shape:?} does not split {} ways", hint.world),
+                        ));
+                    }
+                }
+                return self.part(p, &full, &part);
+            }
         };
         let got = ckpt
             .info(&full)

@@ -209,4 +209,9 @@ impl Gathered {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }
+
+    /// All of them by name (e.g. for `VarBuilder::from_parts`).
+    pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
+        &self.tensors
+    }
 }

@@ -21,6 +21,7 @@
 //! dim this rank reads. docs/parallelism.md has the whole picture.
 
 pub mod fsdp;
+pub mod layout;
 pub mod pipeline;
 pub mod tp;
 pub mod ulysses;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 
 pub use crate::weights::ShardHint as Shard;
 pub use fsdp::{FlatLayout, Gathered, Piece, ShardedUnit};
+pub use layout::{DitLayout, PipelineStage, SoloComm, solo};
 pub use pipeline::StageBoundary;
 pub use tp::{ColumnParallel, RowParallel, ShardedRmsNorm, TpAttention};
 pub use ulysses::{Attention, SeqShard, UlyssesKv};

@@ -38,6 +38,29 @@ impl StageBoundary {
         self.comm.rank() + 1 == self.comm.world()
     }
 
+    /// The last sub-stage's `x` on every sub-stage (collective over the pp group): the others
+    /// pass `None` and the `shape` and `dtype` they expect.
+    pub fn broadcast_from_last(
+        &self,
+        x: Option<&Tensor>,
+        shape: &Shape,
+        dtype: DType,
+        device: &crate::Device,
+    ) -> Result<Tensor> {
+        let last = self.comm.world() - 1;
+        let mine = match (self.is_last(), x) {
+            (true, Some(t)) => t.clone(),
+            (false, None) => Tensor::zeros(shape.clone(), dtype, device)?,
+            _ => {
+                return Err(Error::invalid(
+                    "StageBoundary::broadcast_from_last",
+                    "only the last sub-stage passes the tensor",
+                ));
+            }
+        };
+        self.comm.broadcast(&mine, last)
+    }
+
     /// Sends `tensors` (activations first, then side tensors) to the next sub-stage.
     pub fn send(&self, tensors: &[&Tensor]) -> Result<()> {
         if self.is_last() {

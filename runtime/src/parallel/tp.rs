@@ -91,11 +91,28 @@ impl ColumnParallel {
         )
     }
 
-    /// `x [.., in]` (replicated) → `[.., out/tp]` in the weight's dtype.
+    /// Per-tensor FP8 e4m3 weight (model-spec §8.1); the bias keeps its dtype.
+    pub fn quantize_fp8(&mut self) -> Result<()> {
+        quantize(&mut self.weight)
+    }
+
+    /// `x [.., in]` (replicated) → `[.., out/tp]` in the weight's dtype (in x's dtype for
+    /// an FP8 weight, as `Linear` does).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.weight.dtype() == DType::F8E4M3 {
+            return x.fp8_linear(&self.weight, self.bias.as_ref(), x.dtype());
+        }
         x.to_dtype(self.weight.dtype())?
             .linear(&self.weight, self.bias.as_ref())
     }
+}
+
+fn quantize(w: &mut Tensor) -> Result<()> {
+    if w.dtype() != DType::F8E4M3 {
+        let _g = crate::memory::scope(crate::memory::Category::Weights);
+        *w = w.quantize_fp8()?;
+    }
+    Ok(())
 }
 
 /// A linear layer whose input features are split over the TP group; the output is
@@ -140,14 +157,32 @@ impl RowParallel {
         )
     }
 
+    /// Per-tensor FP8 e4m3 weight (model-spec §8.1); the bias keeps its dtype.
+    pub fn quantize_fp8(&mut self) -> Result<()> {
+        quantize(&mut self.weight)
+    }
+
     /// `x [.., in/tp]` (this rank's heads or hidden units) → `[.., out]` in the weight's
     /// dtype. The partial products are reduced in f32 and rounded once, as the unsharded GEMM
-    /// with f32 accumulation rounds once.
+    /// with f32 accumulation rounds once. Alone in its group it is the plain linear (bias
+    /// fused), so a world-1 model is the unsharded one.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = self.weight.dtype();
-        let partial = x
-            .to_dtype(dt)?
-            .linear_ex(&self.weight, None, Epilogue::None, DType::F32)?;
+        let fp8 = self.weight.dtype() == DType::F8E4M3;
+        if self.comm.world() == 1 {
+            return match fp8 {
+                true => x.fp8_linear(&self.weight, self.bias.as_ref(), x.dtype()),
+                false => x
+                    .to_dtype(self.weight.dtype())?
+                    .linear(&self.weight, self.bias.as_ref()),
+            };
+        }
+        // FP8: each rank scales its own activation shard (per-tensor, §8.1); the result is
+        // rounded to x's dtype as `Linear` does.
+        let (xin, dt) = match fp8 {
+            true => (x.quantize_fp8()?, x.dtype()),
+            false => (x.to_dtype(self.weight.dtype())?, self.weight.dtype()),
+        };
+        let partial = xin.linear_ex(&self.weight, None, Epilogue::None, DType::F32)?;
         let sum = self.comm.all_reduce(&partial, ReduceOp::Sum)?;
         match &self.bias {
             Some(b) => sum.binary_to(b, BinaryOp::Add, dt),
@@ -225,6 +260,10 @@ impl ShardedRmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.comm.world() == 1 {
+            // The fused kernel; same formula.
+            return x.rms_norm(Some(&self.weight), self.eps);
+        }
         let (rows, cols) = x.shape().rows_cols();
         let x2 = x.reshape((rows, cols))?;
         let ss = x2.to_dtype(DType::F32)?.sqr()?.sum_last()?;
@@ -348,6 +387,14 @@ impl TpAttention {
             num_heads,
             n,
         )
+    }
+
+    /// FP8 for q, k, v and o (§8.1).
+    pub fn quantize_fp8(&mut self) -> Result<()> {
+        self.q.quantize_fp8()?;
+        self.k.quantize_fp8()?;
+        self.v.quantize_fp8()?;
+        self.o.quantize_fp8()
     }
 
     /// `[.., L, width/tp]` → `[B, L, heads/tp, head_dim]`.

@@ -1,11 +1,15 @@
 //! The causal audio encoder (`casual_audio_encoder`, model-spec §3.3 step 1) and the audio
 //! injectors (`audio_injector`, §3.3.2).
 
+use std::ops::Range;
+
 use super::super::VarBuilder;
-use super::attention::{Linear, WanAttention, sdpa};
+use super::attention::{Linear, sdpa};
+use super::block::FrameRuns;
 use super::config::WanConfig;
 use crate::device::PadMode;
-use crate::{Conv1dOpts, DType, Result, Tensor};
+use crate::parallel::{SharedComm, TpAttention};
+use crate::{Conv1dOpts, DType, Error, Result, Tensor};
 
 /// `CausalConv1d`: kernel 3, left replicate padding of 2, in f32.
 #[derive(Debug, Clone)]
@@ -127,31 +131,51 @@ impl CausalAudioEncoder {
 
 /// `audio_injector`: per injector a cross-attention (`injector.{j}`) whose query is an
 /// AdaLayerNorm of the tokens driven by the frame's global audio vector
-/// (`injector_adain_layers.{j}.linear`, shift then scale, eps 1e-5).
+/// (`injector_adain_layers.{j}.linear`, shift then scale, eps 1e-5). A rank holds the
+/// injectors `first..` of its blocks (layer pipeline), each for its tp heads.
 #[derive(Debug, Clone)]
 pub struct AudioInjector {
-    pub injector: Vec<WanAttention>,
+    pub injector: Vec<TpAttention>,
     pub injector_adain_layers: Vec<Linear>,
+    /// Index j of `injector[0]`.
+    pub first: usize,
     pub adain_eps: f32,
 }
 
 impl AudioInjector {
-    pub fn load(vb: &VarBuilder, c: &WanConfig) -> Result<Self> {
-        let n = c.audio_inject_layers.len();
+    /// Injectors `js` (those after this rank's blocks) for this rank's heads of `tp`.
+    pub fn load(vb: &VarBuilder, c: &WanConfig, js: Range<usize>, tp: &SharedComm) -> Result<Self> {
         let d = c.dim;
         Ok(Self {
-            injector: (0..n)
-                .map(|j| WanAttention::load(&vb.pp("injector").pp(j), d, c.num_heads, c.eps))
+            injector: js
+                .clone()
+                .map(|j| {
+                    TpAttention::load(&vb.pp("injector").pp(j), d, c.num_heads, c.eps, tp.clone())
+                })
                 .collect::<Result<_>>()?,
-            injector_adain_layers: (0..n)
+            injector_adain_layers: js
+                .clone()
                 .map(|j| Linear::load(&vb.pp("injector_adain_layers").pp(j).pp("linear"), 2 * d, d))
                 .collect::<Result<_>>()?,
+            first: js.start,
             adain_eps: c.adain_eps,
         })
     }
 
-    /// Injector `j` on the noisy tokens x `[1, Lq, dim]`; tokens `[1, F, 5, dim]`,
-    /// global `[F, dim]`. Each frame's queries attend only to that frame's audio tokens; the
+    /// FP8 for q, k, v, o and the AdaLN linear (§8.1).
+    pub fn quantize_fp8(&mut self) -> Result<()> {
+        for a in &mut self.injector {
+            a.quantize_fp8()?;
+        }
+        for l in &mut self.injector_adain_layers {
+            l.quantize_fp8()?;
+        }
+        Ok(())
+    }
+
+    /// Injector `j` on this rank's noisy tokens x `[1, t, dim]`; tokens `[1, F, 5, dim]`,
+    /// global `[F, dim]`; `runs` maps x's tokens to frames. Each token attends only to its
+    /// frame's audio tokens (a Ulysses chunk needs no other rank's tokens for this); the
     /// result is added in the activation dtype.
     pub fn forward(
         &self,
@@ -159,20 +183,34 @@ impl AudioInjector {
         x: &Tensor,
         tokens: &Tensor,
         global: &Tensor,
+        runs: &FrameRuns,
     ) -> Result<Tensor> {
+        let k = j
+            .checked_sub(self.first)
+            .filter(|&k| k < self.injector.len())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "AudioInjector",
+                    format!(
+                        "injector {j} is not held here ({}..{})",
+                        self.first,
+                        self.first + self.injector.len()
+                    ),
+                )
+            })?;
         let act = x.dtype();
-        let (_, lq, d) = x.dims3()?;
+        let d = x.dims3()?.2;
         let (_, frames, n, _) = tokens.dims4()?;
-        let h = x.reshape((frames, lq / frames, d))?;
-        let ada = self.injector_adain_layers[j].forward(&global.silu()?)?;
+        let ada = self.injector_adain_layers[k].forward(&global.silu()?)?;
         let shift = ada.narrow(1, 0, d)?.unsqueeze(1)?;
         let scale = ada.narrow(1, d, d)?.unsqueeze(1)?;
-        let u = h.layer_norm(None, None, self.adain_eps, act)?;
-        let u = u.mul(&scale.affine(1.0, 1.0)?)?.add(&shift)?;
-        let att = &self.injector[j];
-        let q = att.query(&u)?;
-        let (k, v) = att.key_value(&tokens.reshape((frames, n, d))?)?;
-        let out = att.out(&sdpa(&q, &k, &v)?)?;
-        h.add(&out)?.reshape((1, lq, d))
+        let att = &self.injector[k];
+        let (ak, av) = att.key_value(&tokens.reshape((frames, n, d))?)?;
+        let out = runs.map(&[x], &[&scale, &shift, &ak, &av], |h, r| {
+            let u = h[0].layer_norm(None, None, self.adain_eps, act)?;
+            let u = u.mul(&r[0].affine(1.0, 1.0)?)?.add(&r[1])?;
+            att.out(&sdpa(&att.query(&u)?, &r[2], &r[3])?)
+        })?;
+        x.add(&out)
     }
 }

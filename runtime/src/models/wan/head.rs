@@ -3,6 +3,7 @@
 
 use super::super::VarBuilder;
 use super::attention::Linear;
+use super::block::FrameRuns;
 use super::config::WanConfig;
 use crate::{DType, Result, Tensor};
 
@@ -26,21 +27,17 @@ impl Head {
         })
     }
 
-    /// x `[1, Lq, dim]` (activation dtype), e `[F, dim]` f32 → `[1, Lq, 4·out_dim]` in x's dtype.
-    pub fn forward(&self, x: &Tensor, e: &Tensor) -> Result<Tensor> {
+    /// x `[1, t, dim]` (this rank's tokens, activation dtype), e `[F, dim]` f32, `runs`
+    /// mapping tokens to frames → `[1, t, 4·out_dim]` in x's dtype.
+    pub fn forward(&self, x: &Tensor, e: &Tensor, runs: &FrameRuns) -> Result<Tensor> {
         let act = x.dtype();
-        let (_, lq, d) = x.dims3()?;
-        let frames = e.dim(0)?;
         let a = x.layer_norm(None, None, self.eps, act)?;
         let m = self.modulation.add(&e.unsqueeze(1)?)?;
-        let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
-        let a = a
-            .reshape((frames, lq / frames, d))?
-            .modulate(&scale, &shift, DType::F32)?;
-        self.head
-            .forward(&a)?
-            .to_dtype(act)?
-            .reshape((1, lq, 4 * self.out_dim))
+        runs.map(&[&a], &[&m], |a, m| {
+            let (shift, scale) = (m[0].narrow(1, 0, 1)?, m[0].narrow(1, 1, 1)?);
+            let a = a[0].modulate(&scale, &shift, DType::F32)?;
+            self.head.forward(&a)?.to_dtype(act)
+        })
     }
 
     /// `[1, F·hp·wp, 4·C]` with per-token order (pt, ph, pw, c), c fastest →

@@ -14,6 +14,7 @@ pub mod dit;
 pub mod embed;
 pub mod framepack;
 pub mod head;
+pub mod parts;
 pub mod rope;
 pub mod stream;
 
