@@ -76,10 +76,11 @@ fn ffprobe(path: &Path, count_frames: bool) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The first stream of `kind`; None also when ffprobe printed no streams (a file still being
+/// written can probe as `{}`).
 fn stream<'a>(probe: &'a serde_json::Value, kind: &str) -> Option<&'a serde_json::Value> {
     probe["streams"]
-        .as_array()
-        .unwrap()
+        .as_array()?
         .iter()
         .find(|s| s["codec_type"] == kind)
 }
