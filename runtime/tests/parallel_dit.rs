@@ -168,7 +168,14 @@ fn run_in(mesh: Mesh, fsdp: bool, weights: Weights, dtype: DType, tol: f32) {
                     if fsdp {
                         assert!(m.blocks.is_empty() && m.root.is_none());
                     } else {
+                        // Only this sub-stage's blocks and root parts are held.
+                        let (l, r) = (m.layout(), m.root.as_ref().unwrap());
                         assert_eq!(m.blocks.len(), m.block_range().len());
+                        assert_eq!(r.embed.is_some(), l.is_first());
+                        assert_eq!(r.head.is_some(), l.is_last());
+                        let inject = c.audio_inject_layers.iter();
+                        let held = inject.filter(|&&i| m.block_range().contains(&i)).count();
+                        assert_eq!(r.audio_injector.injector.len(), held);
                     }
                     generate(m, &inp)
                 })
