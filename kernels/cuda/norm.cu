@@ -140,3 +140,75 @@ extern "C" __global__ void lava_bias_act(int64_t rows, int64_t cols, int64_t bia
         store_any(out, out_dtype, i, v);
     }
 }
+
+// The DiT block's residual -> LayerNorm -> adaLN-modulate chain in one pass (one block per
+// row, the row cached in registers when it fits):
+//   r = x (+ y (* gate[g]))                  f32, _rn ops; stored to `res` when res_dtype >= 0
+//   n = LN(round_to(ln_in, r)) (* w + b)     f32 statistics, two passes; rounded to norm_dtype
+//   out = n * (1 + scale[g]) + shift[g]      f32 when has_mod; one rounding to out_dtype
+// with g = row / per_group (the latent frame of the token). Each rounding sits where the
+// unfused ops round, so fused == unfused up to the order of the f32 sums.
+struct ResNormArgs {
+    int64_t rows, n, per_group;
+    int32_t x_dtype, y_dtype, gate_dtype, w_dtype, b_dtype, sc_dtype, sh_dtype;
+    int32_t res_dtype;  // -1: no residual output
+    int32_t ln_in_dtype, norm_dtype, out_dtype;
+    int32_t has_y, has_gate, has_w, has_b, has_mod;
+    float eps;
+    int32_t pad;  // nonzero: the launcher gave n floats of dynamic shared memory
+};
+
+__device__ __forceinline__ float rn_resid(const ResNormArgs& a, const void* x, const void* y, const void* gate,
+                                          int64_t xo, int64_t go, int64_t j) {
+    float r = load_any(x, a.x_dtype, xo + j);
+    if (a.has_y) {
+        float yv = load_any(y, a.y_dtype, xo + j);
+        r = a.has_gate ? __fadd_rn(r, __fmul_rn(yv, load_any(gate, a.gate_dtype, go + j))) : __fadd_rn(r, yv);
+    }
+    return r;
+}
+
+__device__ __forceinline__ float rn_finish(const ResNormArgs& a, const void* w, const void* b, const void* sc,
+                                           const void* sh, int64_t go, int64_t j, float v, float mean, float rstd) {
+    float t = __fmul_rn(__fsub_rn(v, mean), rstd);
+    if (a.has_w) t = __fmul_rn(t, load_any(w, a.w_dtype, j));
+    if (a.has_b) t = __fadd_rn(t, load_any(b, a.b_dtype, j));
+    t = round_to(a.norm_dtype, t);
+    if (a.has_mod)
+        t = __fadd_rn(__fmul_rn(t, __fadd_rn(1.f, load_any(sc, a.sc_dtype, go + j))), load_any(sh, a.sh_dtype, go + j));
+    return t;
+}
+
+// The LN input row is kept in dynamic shared memory (n floats, each thread touching only its
+// own elements) when the launcher gives enough; otherwise it is recomputed from x and y.
+extern "C" __global__ void __launch_bounds__(256) lava_res_norm_mod(ResNormArgs a, const void* x, const void* y,
+                                                                    const void* gate, const void* w, const void* b,
+                                                                    const void* sc, const void* sh, void* res,
+                                                                    void* out) {
+    extern __shared__ float rn_row[];
+    int64_t row = blockIdx.x;
+    if (row >= a.rows) return;
+    const int64_t xo = row * a.n, go = (row / a.per_group) * a.n, step = blockDim.x;
+    const bool cached = a.pad != 0;
+    const int rd = a.res_dtype < 0 ? LAVA_F32 : a.res_dtype;
+    float s = 0.f;
+    for (int64_t j = threadIdx.x; j < a.n; j += step) {
+        float r = rn_resid(a, x, y, gate, xo, go, j);
+        if (a.res_dtype >= 0) store_any(res, a.res_dtype, xo + j, r);
+        float v = round_to(a.ln_in_dtype, round_to(rd, r));
+        if (cached) rn_row[j] = v;
+        s += v;
+    }
+    const float mean = block_sum(s) / (float)a.n;
+    float q = 0.f;
+    for (int64_t j = threadIdx.x; j < a.n; j += step) {
+        float v = cached ? rn_row[j] : round_to(a.ln_in_dtype, round_to(rd, rn_resid(a, x, y, gate, xo, go, j)));
+        float d = v - mean;
+        q += d * d;
+    }
+    const float rstd = rsqrtf(block_sum(q) / (float)a.n + a.eps);
+    for (int64_t j = threadIdx.x; j < a.n; j += step) {
+        float v = cached ? rn_row[j] : round_to(a.ln_in_dtype, round_to(rd, rn_resid(a, x, y, gate, xo, go, j)));
+        store_any(out, a.out_dtype, xo + j, rn_finish(a, w, b, sc, sh, go, j, v, mean, rstd));
+    }
+}

@@ -42,6 +42,6 @@ pub use elementwise::{BinaryOp, Strided, StridedMut, TernaryOp, UnaryOp, contigu
 #[cfg(feature = "cuda")]
 pub use error::{Error, Result};
 #[cfg(feature = "cuda")]
-pub use module::{DType, In, Kernels, Out};
+pub use module::{DType, In, Kernels, Out, keep_pool_memory};
 #[cfg(feature = "cuda")]
-pub use rows::{Act, Conv3dGeom, ReduceOp, RopeArgs};
+pub use rows::{Act, Conv3dGeom, ReduceOp, ResNormGeom, ResNormIo, RopeArgs};

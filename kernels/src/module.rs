@@ -140,9 +140,10 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
             "lava_channel_rmsnorm",
             "lava_reduce_rows",
             "lava_bias_act",
+            "lava_res_norm_mod",
         ],
     ),
-    ("rope", &["lava_rope"]),
+    ("rope", &["lava_rope", "lava_rmsnorm_rope"]),
 ];
 
 impl Kernels {
@@ -211,4 +212,28 @@ impl Kernels {
             shared_mem_bytes: 0,
         }
     }
+}
+
+/// Let the device's stream-ordered memory pool keep freed memory across synchronisations
+/// (release threshold = unlimited), as a caching allocator would: without it every
+/// synchronisation hands the pool back to the driver and the next call maps it again.
+/// Contexts without stream-ordered allocation are left as they are.
+pub fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    ctx.bind_to_thread().w("cuCtxSetCurrent")?;
+    // SAFETY: the device comes from a live context; the attribute takes a u64 by pointer.
+    unsafe {
+        let pool = cudarc::driver::result::device::get_mem_pool(ctx.cu_device())
+            .w("cuDeviceGetMemPool")?;
+        let mut threshold: u64 = u64::MAX;
+        cudarc::driver::result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&raw mut threshold).cast(),
+        )
+        .w("cuMemPoolSetAttribute")?;
+    }
+    Ok(())
 }

@@ -538,3 +538,231 @@ impl Kernels {
         Ok(())
     }
 }
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ResNormArgs {
+    rows: i64,
+    n: i64,
+    per_group: i64,
+    x_dtype: i32,
+    y_dtype: i32,
+    gate_dtype: i32,
+    w_dtype: i32,
+    b_dtype: i32,
+    sc_dtype: i32,
+    sh_dtype: i32,
+    res_dtype: i32,
+    ln_in_dtype: i32,
+    norm_dtype: i32,
+    out_dtype: i32,
+    has_y: i32,
+    has_gate: i32,
+    has_w: i32,
+    has_b: i32,
+    has_mod: i32,
+    eps: f32,
+    pad: i32,
+}
+// SAFETY: plain-old-data matching `ResNormArgs` in norm.cu.
+unsafe impl DeviceRepr for ResNormArgs {}
+
+/// Shape and rounding points of [`Kernels::res_norm_mod`] (see `lava_res_norm_mod` in
+/// norm.cu): `rows × n`, gate/scale/shift tables with one row per `per_group` rows.
+#[derive(Debug, Clone, Copy)]
+pub struct ResNormGeom {
+    pub rows: usize,
+    pub n: usize,
+    pub per_group: usize,
+    pub eps: f32,
+    pub ln_in: DType,
+    pub norm: DType,
+}
+
+/// Operands of [`Kernels::res_norm_mod`]; tables are `[rows / per_group, n]`.
+#[derive(Debug)]
+pub struct ResNormIo<'a> {
+    pub x: In<'a>,
+    pub y: Option<In<'a>>,
+    pub gate: Option<In<'a>>,
+    pub weight: Option<In<'a>>,
+    pub bias: Option<In<'a>>,
+    pub scale: Option<In<'a>>,
+    pub shift: Option<In<'a>>,
+    pub res: Option<Out<'a>>,
+    pub out: Out<'a>,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct RmsRopeArgs {
+    rows: i64,
+    heads: i64,
+    head_dim: i64,
+    x_dtype: i32,
+    w_dtype: i32,
+    norm_dtype: i32,
+    out_dtype: i32,
+    eps: f32,
+    pad: i32,
+}
+// SAFETY: plain-old-data matching `RmsRopeArgs` in rope.cu.
+unsafe impl DeviceRepr for RmsRopeArgs {}
+
+impl Kernels {
+    /// Residual + LayerNorm + modulation of contiguous rows in one launch.
+    pub fn res_norm_mod(&self, s: &CudaStream, g: &ResNormGeom, io: ResNormIo<'_>) -> Result<()> {
+        let (rows, n) = (g.rows, g.n);
+        let groups = rows.checked_div(g.per_group).unwrap_or(0);
+        if g.per_group == 0 || rows % g.per_group != 0 {
+            return Err(Error::Unsupported {
+                op: "res_norm_mod",
+                msg: format!("{rows} rows in groups of {}", g.per_group),
+            });
+        }
+        let op = "res_norm_mod";
+        check_len(op, "x", rows * n, io.x.dtype, io.x.buf.len())?;
+        check_len(op, "out", rows * n, io.out.dtype, io.out.buf.len())?;
+        if let Some(y) = &io.y {
+            check_len(op, "y", rows * n, y.dtype, y.buf.len())?;
+        }
+        if let Some(r) = &io.res {
+            check_len(op, "res", rows * n, r.dtype, r.buf.len())?;
+        }
+        if io.gate.is_some() && io.y.is_none() {
+            return Err(Error::Unsupported {
+                op,
+                msg: "a gate without y".into(),
+            });
+        }
+        if io.scale.is_some() != io.shift.is_some() {
+            return Err(Error::Unsupported {
+                op,
+                msg: "scale and shift go together".into(),
+            });
+        }
+        let (yp, yd, hy) = opt_ptr(io.y, s, op, rows * n)?;
+        let (gp, gd, hg) = opt_ptr(io.gate, s, op, groups * n)?;
+        let (wp, wd, hw) = opt_ptr(io.weight, s, op, n)?;
+        let (bp, bd, hb) = opt_ptr(io.bias, s, op, n)?;
+        let (scp, scd, hm) = opt_ptr(io.scale, s, op, groups * n)?;
+        let (shp, shd, _) = opt_ptr(io.shift, s, op, groups * n)?;
+        let res_dtype = io.res.as_ref().map_or(-1, |r| r.dtype.code());
+        let a = ResNormArgs {
+            rows: rows as i64,
+            n: n as i64,
+            per_group: g.per_group as i64,
+            x_dtype: io.x.dtype.code(),
+            y_dtype: yd,
+            gate_dtype: gd,
+            w_dtype: wd,
+            b_dtype: bd,
+            sc_dtype: scd,
+            sh_dtype: shd,
+            res_dtype,
+            ln_in_dtype: g.ln_in.code(),
+            norm_dtype: g.norm.code(),
+            out_dtype: io.out.dtype.code(),
+            has_y: hy,
+            has_gate: hg,
+            has_w: hw,
+            has_b: hb,
+            has_mod: hm,
+            eps: g.eps,
+            // The row lives in shared memory when it fits the default 48 KiB.
+            pad: i32::from(n * 4 <= 48 * 1024),
+        };
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let mut cfg = row_cfg(rows)?;
+        if a.pad != 0 {
+            cfg.shared_mem_bytes = (n * 4) as u32;
+        }
+        let (xp, _gx) = rptr(io.x.buf, s);
+        let mut res_buf = io.res;
+        let (rp, _gr) = match res_buf.as_mut() {
+            Some(r) => {
+                let (p, g) = wptr(r.buf, s);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (op_, _go) = wptr(io.out.buf, s);
+        let f = self.func("lava_res_norm_mod")?;
+        let mut l = s.launch_builder(f);
+        l.arg(&a)
+            .arg(&xp)
+            .arg(&yp)
+            .arg(&gp)
+            .arg(&wp)
+            .arg(&bp)
+            .arg(&scp)
+            .arg(&shp)
+            .arg(&rp)
+            .arg(&op_);
+        // SAFETY: arguments match lava_res_norm_mod; every length checked above.
+        unsafe { l.launch(cfg) }.w("launch lava_res_norm_mod")?;
+        Ok(())
+    }
+
+    /// RMSNorm over rows of `heads · head_dim`, × w, then interleaved RoPE with per-row
+    /// tables cos/sin f32 `[rows, head_dim/2]`; `norm` is the dtype of the normed value.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_rope(
+        &self,
+        s: &CudaStream,
+        x: In<'_>,
+        w: In<'_>,
+        cos: In<'_>,
+        sin: In<'_>,
+        out: Out<'_>,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        eps: f32,
+        norm: DType,
+    ) -> Result<()> {
+        let op = "rms_norm_rope";
+        let n = heads * head_dim;
+        if head_dim % 2 != 0 || cos.dtype != DType::F32 || sin.dtype != DType::F32 {
+            return Err(Error::Unsupported {
+                op,
+                msg: format!(
+                    "head dim {head_dim}, tables {:?}/{:?}",
+                    cos.dtype, sin.dtype
+                ),
+            });
+        }
+        check_len(op, "x", rows * n, x.dtype, x.buf.len())?;
+        check_len(op, "w", n, w.dtype, w.buf.len())?;
+        check_len(op, "cos", rows * head_dim / 2, cos.dtype, cos.buf.len())?;
+        check_len(op, "sin", rows * head_dim / 2, sin.dtype, sin.buf.len())?;
+        check_len(op, "out", rows * n, out.dtype, out.buf.len())?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let a = RmsRopeArgs {
+            rows: rows as i64,
+            heads: heads as i64,
+            head_dim: head_dim as i64,
+            x_dtype: x.dtype.code(),
+            w_dtype: w.dtype.code(),
+            norm_dtype: norm.code(),
+            out_dtype: out.dtype.code(),
+            eps,
+            pad: 0,
+        };
+        let (xp, _gx) = rptr(x.buf, s);
+        let (wp, _gw) = rptr(w.buf, s);
+        let (cp, _gc) = rptr(cos.buf, s);
+        let (sp, _gs) = rptr(sin.buf, s);
+        let (op_, _go) = wptr(out.buf, s);
+        let f = self.func("lava_rmsnorm_rope")?;
+        let mut l = s.launch_builder(f);
+        l.arg(&a).arg(&xp).arg(&wp).arg(&cp).arg(&sp).arg(&op_);
+        // SAFETY: arguments match lava_rmsnorm_rope; lengths checked.
+        unsafe { l.launch(row_cfg(rows)?) }.w("launch lava_rmsnorm_rope")?;
+        Ok(())
+    }
+}

@@ -54,4 +54,6 @@ pub mod weights;
 
 pub use device::Device;
 pub use error::{Error, Result};
-pub use tensor::{Conv1dOpts, Conv3dOpts, DType, F8E4M3, F8E4M3_MAX, Shape, Tensor, WithDType};
+pub use tensor::{
+    Conv1dOpts, Conv3dOpts, DType, F8E4M3, F8E4M3_MAX, ResNormMod, Shape, Tensor, WithDType,
+};

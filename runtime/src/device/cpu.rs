@@ -5,6 +5,7 @@
 
 mod attention;
 mod elementwise;
+mod fused;
 mod layout;
 mod matmul;
 mod norm;
@@ -15,7 +16,7 @@ use half::{bf16, f16};
 
 use super::{
     AttnSpec, BackendStorage, BinaryOp, BroadcastLayout, Conv1dSpec, Conv3dSpec, Device, GemmSpec,
-    ReduceOp, TernaryOp, UnaryOp,
+    ReduceOp, ResNormSpec, TernaryOp, UnaryOp,
 };
 use crate::{DType, Error, F8E4M3, Result, WithDType};
 
@@ -361,5 +362,60 @@ impl BackendStorage for CpuStorage {
         let bias = f32s_opt(bias);
         let o = attention::attention(&self.f32s(), &k.f32s(), &v.f32s(), bias.as_deref(), spec);
         Ok(Self::from_f32_vec(o, spec.out))
+    fn rms_norm_rope(
+        &self,
+        weight: &Self,
+        cos: &Self,
+        sin: &Self,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        eps: f32,
+        norm: DType,
+        out: DType,
+    ) -> Result<Self> {
+        let v = fused::rms_norm_rope(
+            &self.f32s(),
+            self.dtype(),
+            &weight.f32s(),
+            &cos.f32s(),
+            &sin.f32s(),
+            rows,
+            heads,
+            head_dim,
+            eps,
+            norm,
+        );
+        Ok(Self::from_f32_vec(v, out))
+    }
+
+    fn res_norm_mod(
+        &self,
+        y: Option<&Self>,
+        gate: Option<&Self>,
+        weight: Option<&Self>,
+        bias: Option<&Self>,
+        scale: Option<&Self>,
+        shift: Option<&Self>,
+        spec: &ResNormSpec,
+    ) -> Result<(Option<Self>, Self)> {
+        let [y, gate, weight, bias, scale, shift] =
+            [y, gate, weight, bias, scale, shift].map(f32s_opt);
+        let (res, out) = fused::res_norm_mod(
+            &self.f32s(),
+            y.as_deref(),
+            gate.as_deref(),
+            weight.as_deref(),
+            bias.as_deref(),
+            scale.as_deref(),
+            shift.as_deref(),
+            spec,
+        );
+        Ok((
+            spec.res.map(|d| Self::from_f32_vec(res, d)),
+            Self::from_f32_vec(out, spec.out),
+        ))
+    }
+
     }
 }

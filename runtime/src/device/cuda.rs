@@ -7,7 +7,9 @@
 //! A missing driver or library is an [`Error::Cuda`] naming the fix, never a panic: the
 //! presence of libcuda is checked before the first driver call.
 
+mod fused;
 mod linalg;
+pub mod profile;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,7 +20,7 @@ use kernels::{In, Kernels, Out, Strided, StridedMut, gemm::Lt};
 
 use super::{
     AttnSpec, BackendStorage, BinaryOp, BroadcastLayout, Conv1dSpec, Conv3dSpec, CpuStorage,
-    Device, GemmSpec, ReduceOp, TernaryOp, UnaryOp,
+    Device, GemmSpec, ReduceOp, ResNormSpec, TernaryOp, UnaryOp,
 };
 use crate::memory::{Allocation, Category, MemoryTracker};
 use crate::{DType, Error, F8E4M3, Result};
@@ -37,6 +39,8 @@ pub(crate) struct CudaDev {
     /// off; the project's own kernel then runs).
     #[cfg(feature = "cudnn")]
     cudnn: std::result::Result<kernels::cudnn::CudnnSdpa, String>,
+    /// Per-op device time when `LAVA_PROFILE=1` ([`profile`]).
+    prof: profile::Recorder,
 }
 
 impl CudaDev {
@@ -66,6 +70,9 @@ impl CudaDev {
             .allocate(Category::Workspace, kernels::gemm::WORKSPACE_BYTES)?;
         #[cfg(feature = "cudnn")]
         let cudnn = if std::env::var("LAVA_ATTENTION").is_ok_and(|v| v == "own") {
+        // Freed buffers stay in the stream-ordered pool across synchronisations instead of
+        // going back to the driver (the runtime allocates its outputs per op).
+        kernels::keep_pool_memory(&ctx).map_err(ke)?;
             Err("off (LAVA_ATTENTION=own)".to_string())
         } else {
             kernels::cudnn::CudnnSdpa::new(Arc::clone(&stream)).map_err(|e| e.to_string())
@@ -96,6 +103,7 @@ impl CudaDev {
         let mut s = CudaStorage {
             buf,
             dtype,
+            prof: profile::Recorder::default(),
             len: elems,
             dev: Arc::clone(self),
             charge: None,
@@ -421,6 +429,7 @@ impl BackendStorage for CudaStorage {
             return Err(Error::DTypeMismatch {
                 op: "copy2d",
                 expected: dst.dtype,
+        let _p = self.dev.span(|| format!("clone {} {}", self.len, self.dtype.as_str()));
                 got: self.dtype,
             });
         }
@@ -458,6 +467,7 @@ impl BackendStorage for CudaStorage {
             return Ok(out);
         }
         let dids = self.dev.stream.clone_htod(ids).map_err(ce)?;
+        let _p = self.dev.span(|| format!("copy2d {rows}x{cols} {}", self.dtype.as_str()));
         let max = ids.iter().copied().max().unwrap_or(0);
         let dt = kd(self.dtype);
         self.k()
@@ -466,6 +476,20 @@ impl BackendStorage for CudaStorage {
                 self.input(),
                 Out {
                     buf: &mut out.buf,
+        if rows == 1 || (src_stride == cols && dst_stride == cols) {
+            // One contiguous run: a device-to-device memcpy (copy engine, full bandwidth).
+            let (es, n) = (self.dtype.size_in_bytes(), rows * cols);
+            if n == 0 {
+                return Ok(());
+            }
+            let (so, d0) = (src_offset * es, dst_offset * es);
+            if so + n * es > self.buf.len() || d0 + n * es > dst.buf.len() {
+                return Err(Error::invalid("copy2d", "range outside the buffers"));
+            }
+            let src = self.buf.slice(so..so + n * es);
+            let mut dv = dst.buf.slice_mut(d0..d0 + n * es);
+            return self.dev.stream.memcpy_dtod(&src, &mut dv).map_err(ce);
+        }
                     dtype: dt,
                 },
                 outer,
@@ -487,6 +511,7 @@ impl BackendStorage for CudaStorage {
         fw: usize,
     ) -> Result<Self> {
         self.gather(&[outer, h * fh, w * fw], &[h * w, w, 1], Some(&[1, fh, fw]))
+        let _p = self.dev.span(|| format!("permute {dims:?} {perm:?}"));
     }
 
     fn cast(&self, dtype: DType, mul: f32) -> Result<Self> {
@@ -494,6 +519,7 @@ impl BackendStorage for CudaStorage {
         self.k()
             .unary(
                 self.s(),
+        let _p = self.dev.span(|| format!("index_select {outer}x{dim}x{inner}"));
                 kernels::UnaryOp::Scale(mul),
                 Strided {
                     src: self.input(),
@@ -527,10 +553,12 @@ impl BackendStorage for CudaStorage {
                     offset: 0,
                     strides: &[1],
                 },
+        let _p = self.dev.span(|| format!("upsample {outer}x{h}x{w}"));
                 &[self.len],
             )
             .map_err(ke)?;
         Ok(out)
+        let _p = self.dev.span(|| format!("cast {} {}->{}", self.len, self.dtype.as_str(), dtype.as_str()));
     }
 
     fn binary(
@@ -553,6 +581,7 @@ impl BackendStorage for CudaStorage {
         };
         self.k()
             .binary(
+        let _p = self.dev.span(|| format!("unary {op:?} {} {}->{}", self.len, self.dtype.as_str(), out_dtype.as_str()));
                 self.s(),
                 op,
                 Strided {
@@ -581,6 +610,7 @@ impl BackendStorage for CudaStorage {
         b: &Self,
         c: &Self,
         op: TernaryOp,
+        let _p = self.dev.span(|| format!("binary {op:?} {:?} {}->{}", layout.dims, self.dtype.as_str(), out_dtype.as_str()));
         layout: &BroadcastLayout,
         out_dtype: DType,
     ) -> Result<Self> {
@@ -625,6 +655,7 @@ impl BackendStorage for CudaStorage {
     fn reduce(&self, op: ReduceOp, rows: usize, cols: usize) -> Result<Self> {
         let mut out = self.new_like(rows, DType::F32)?;
         let op = match op {
+        let _p = self.dev.span(|| format!("ternary {op:?} {:?} {}->{}", layout.dims, self.dtype.as_str(), out_dtype.as_str()));
             ReduceOp::Sum => kernels::ReduceOp::Sum,
             ReduceOp::Mean => kernels::ReduceOp::Mean,
             ReduceOp::Max => kernels::ReduceOp::Max,
@@ -664,6 +695,7 @@ impl BackendStorage for CudaStorage {
                 rows,
                 cols,
                 eps,
+        let _p = self.dev.span(|| format!("reduce {op:?} {rows}x{cols}"));
             )
             .map_err(ke)?;
         Ok(out)
@@ -678,6 +710,7 @@ impl BackendStorage for CudaStorage {
         out_dtype: DType,
     ) -> Result<Self> {
         let mut out = self.new_like(rows * cols, out_dtype)?;
+        let _p = self.dev.span(|| format!("softmax {rows}x{cols}"));
         self.k()
             .rms_norm(
                 self.s(),
@@ -694,6 +727,7 @@ impl BackendStorage for CudaStorage {
 
     fn channel_rms_norm(
         &self,
+        let _p = self.dev.span(|| format!("layer_norm {rows}x{cols} {}->{} affine {}", self.dtype.as_str(), out_dtype.as_str(), weight.is_some()));
         gamma: &Self,
         bias: Option<&Self>,
         n: usize,
@@ -718,6 +752,7 @@ impl BackendStorage for CudaStorage {
             .map_err(ke)?;
         Ok(out)
     }
+        let _p = self.dev.span(|| format!("rms_norm {rows}x{cols} {}->{}", self.dtype.as_str(), out_dtype.as_str()));
 
     fn rope_interleaved(
         &self,
@@ -742,6 +777,7 @@ impl BackendStorage for CudaStorage {
             o_bs: bs,
             o_ls: ls,
             o_hs: hs,
+        let _p = self.dev.span(|| format!("channel_rms_norm {n}x{c}x{s}"));
             t_bs: 0,
             t_ls: (d / 2) as i64,
             ..Default::default()
@@ -792,3 +828,34 @@ impl CudaStorage {
 pub(crate) fn stream(ordinal: usize) -> Result<Arc<CudaStream>> {
     Ok(Arc::clone(&dev(ordinal)?.stream))
 }
+        let _p = self.dev.span(|| format!("rope {b}x{l}x{h}x{d} {}->{}", self.dtype.as_str(), out_dtype.as_str()));
+    fn rms_norm_rope(
+        &self,
+        weight: &Self,
+        cos: &Self,
+        sin: &Self,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        eps: f32,
+        norm: DType,
+        out: DType,
+    ) -> Result<Self> {
+        fused::rms_norm_rope(
+            self, weight, cos, sin, rows, heads, head_dim, eps, norm, out,
+        )
+    }
+
+    fn res_norm_mod(
+        &self,
+        y: Option<&Self>,
+        gate: Option<&Self>,
+        weight: Option<&Self>,
+        bias: Option<&Self>,
+        scale: Option<&Self>,
+        shift: Option<&Self>,
+        spec: &ResNormSpec,
+    ) -> Result<(Option<Self>, Self)> {
+        fused::res_norm_mod(self, y, gate, weight, bias, scale, shift, spec)
+    }
+

@@ -258,6 +258,31 @@ pub struct AttnSpec {
     pub out: DType,
 }
 
+/// Fused residual + LayerNorm + adaLN modulation over the rows of `[rows, cols]`
+/// (model-spec §3.3.1), the block's element-wise chain in one pass. With `g = row /
+/// (rows / groups)`:
+/// - `r = x (+ y (· gate[g]))` in f32 (one multiply, one add, no FMA), stored rounded to
+///   `res` when asked for;
+/// - `n = LayerNorm(round_to(ln_in, r))` (f32 statistics, biased variance, `· w + b` when
+///   given), rounded to `norm`;
+/// - `out = n·(1 + scale[g]) + shift[g]` in f32 when scale/shift are given, else `n`; one
+///   rounding to `out`.
+///
+/// Every step rounds exactly where the unfused ops round, so the result equals
+/// `gated_residual` / `binary_to` + `to_dtype` + `layer_norm` + `modulate` run one by one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResNormSpec {
+    pub rows: usize,
+    pub cols: usize,
+    /// Row groups of the gate / scale / shift tables `[groups, cols]` (latent frames).
+    pub groups: usize,
+    pub eps: f32,
+    pub res: Option<DType>,
+    pub ln_in: DType,
+    pub norm: DType,
+    pub out: DType,
+}
+
 // ---------------------------------------------------------------------------------------
 // The backend trait.
 // ---------------------------------------------------------------------------------------
@@ -395,3 +420,36 @@ pub trait BackendStorage: Sized + std::fmt::Debug + Send + Sync {
     /// scores, f32 softmax and f32 accumulation; out rounded once.
     fn attention(&self, k: &Self, v: &Self, bias: Option<&Self>, spec: &AttnSpec) -> Result<Self>;
 }
+    /// RMSNorm over rows of `[rows, heads·head_dim]` then interleaved RoPE per row (token):
+    /// `n = round_to(dtype(self), x·rsqrt(mean(x²) + eps))`, `m = round_to(norm, n · w)`,
+    /// pairs of `m` rotated with cos/sin f32 `[rows, head_dim/2]` in f64, rounded to f32 and
+    /// then to `out` ([`BackendStorage::rms_norm`] followed by
+    /// [`BackendStorage::rope_interleaved`]).
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_rope(
+        &self,
+        weight: &Self,
+        cos: &Self,
+        sin: &Self,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        eps: f32,
+        norm: DType,
+        out: DType,
+    ) -> Result<Self>;
+
+    // === Fused element-wise chains ===
+    /// See [`ResNormSpec`]; returns (the residual when `spec.res` is set, the output).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn res_norm_mod(
+        &self,
+        y: Option<&Self>,
+        gate: Option<&Self>,
+        weight: Option<&Self>,
+        bias: Option<&Self>,
+        scale: Option<&Self>,
+        shift: Option<&Self>,
+        spec: &ResNormSpec,
+    ) -> Result<(Option<Self>, Self)>;
+

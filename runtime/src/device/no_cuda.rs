@@ -5,7 +5,7 @@
 
 use super::{
     AttnSpec, BackendStorage, BinaryOp, BroadcastLayout, Conv1dSpec, Conv3dSpec, CpuStorage,
-    Device, GemmSpec, ReduceOp, TernaryOp, UnaryOp,
+    Device, GemmSpec, ReduceOp, ResNormSpec, TernaryOp, UnaryOp,
 };
 use crate::{DType, Error, Result};
 
@@ -142,3 +142,29 @@ impl BackendStorage for CudaStorage {
         match *self {}
     }
 }
+    fn rms_norm_rope(
+        &self,
+        _: &Self,
+        _: &Self,
+        _: &Self,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: f32,
+        _: DType,
+        _: DType,
+    ) -> Result<Self> {
+        match *self {}
+    }
+    fn res_norm_mod(
+        &self,
+        _: Option<&Self>,
+        _: Option<&Self>,
+        _: Option<&Self>,
+        _: Option<&Self>,
+        _: Option<&Self>,
+        _: Option<&Self>,
+        _: &ResNormSpec,
+    ) -> Result<(Option<Self>, Self)> {
+        match *self {}
+    }

@@ -305,7 +305,7 @@ impl Tensor {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn copy2d(
+pub(super) fn copy2d(
     src: &Storage,
     dst: &mut Storage,
     rows: usize,

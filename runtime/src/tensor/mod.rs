@@ -27,6 +27,7 @@
 //! | layout (`narrow`, `cat`, `permute`, `index_select`, `upsample_nearest2d`, `slice_set`) | any | exact copy | input dtype (fp8 keeps its scale) |
 
 mod dtype;
+mod fused;
 mod layout;
 mod linalg;
 mod ops;
@@ -34,6 +35,7 @@ mod shape;
 
 pub use dtype::{DType, F8E4M3, F8E4M3_MAX, WithDType};
 pub use linalg::{Conv1dOpts, Conv3dOpts};
+pub use fused::ResNormMod;
 pub use shape::Shape;
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};

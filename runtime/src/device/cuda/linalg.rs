@@ -38,6 +38,16 @@ pub(super) fn gemm(
         });
     }
     let (m, n, k) = (spec.m, spec.n, spec.k);
+    let _p = a.dev.span(|| {
+        format!(
+            "gemm {}x{m}x{n}x{k} {}->{} {:?}{}",
+            spec.batch,
+            a.dtype.as_str(),
+            spec.out.as_str(),
+            spec.epilogue,
+            if bias.is_some() { "+bias" } else { "" }
+        )
+    });
     let mut out = a.new_like(spec.batch * m * n, spec.out)?;
     if out.len == 0 {
         return Ok(out);
@@ -385,6 +395,7 @@ pub(super) fn attention(
                     )
                     .map_err(ke)?;
                 Some(summed)
+    let _p = dev.span(|| format!("attention b{b} lq{lq} lk{lk} h{h} d{hd} {}", q.dtype.as_str()));
             }
             None => None,
         };

@@ -12,7 +12,7 @@ use super::super::VarBuilder;
 use super::attention::sdpa;
 use super::config::WanConfig;
 use crate::parallel::{ColumnParallel, RowParallel, SharedComm, TpAttention};
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Error, ResNormMod, Result, Tensor};
 
 /// Where the self-attention keys and values come from and go to: the prefill stores the sink,
 /// a streaming call writes its block into the ring and attends to ring + sink.
@@ -184,35 +184,71 @@ impl WanAttentionBlock {
         // Chunks 0..5: shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn.
         let m = self.modulation.add(e0)?;
         let c = |m: &Tensor, j: usize| m.narrow(1, j, 1);
-        let modulate = |x: &Tensor, j: usize| {
-            runs.map(&[x], &[&m], |x, m| {
-                x[0].modulate(&c(&m[0], j + 1)?, &c(&m[0], j)?, act)
-            })
-        };
-        let gated = |x: &Tensor, y: &Tensor, j: usize| {
+        let gated = |x: &Tensor, y: &Tensor, j: usize, out: DType| {
             runs.map(&[x, y], &[&m], |x, m| {
-                x[0].gated_residual(&x[1], &c(&m[0], j)?, DType::F32)
+                x[0].gated_residual(&x[1], &c(&m[0], j)?, out)
             })
         };
 
-        let a = modulate(&x.layer_norm(None, None, self.eps, act)?, 0)?;
+        // norm1 + modulate in one pass (same rounding points as layer_norm then modulate).
+        let eps = self.eps;
+        let norm_mod = |x: &Tensor, ln_in: DType, norm: DType, j: usize| {
+            runs.map(&[x], &[&m], |x, m| {
+                let (sc, sh) = (c(&m[0], j + 1)?, c(&m[0], j)?);
+                let o = ResNormMod {
+                    add: None,
+                    gate: None,
+                    keep_residual: None,
+                    ln_in,
+                    weight: None,
+                    bias: None,
+                    eps,
+                    norm,
+                    modulate: Some((&sc, &sh)),
+                    out: act,
+                };
+                Ok(x[0].res_norm_mod(&o)?.1)
+            })
+        };
+        let a = norm_mod(x, act, act, 0)?;
         let q = self.self_attn.query(&a)?;
         let (k, v) = self.self_attn.key_value(&a)?;
         let y = self.self_attn.out(&kv.attend(layer, &q, &k, &v)?)?;
-        let x1 = gated(x, &y, 2)?;
+        let x1 = gated(x, &y, 2, DType::F32)?;
 
-        let u = x1.to_dtype(act)?.layer_norm(
-            Some(&self.norm3_weight),
-            Some(&self.norm3_bias),
-            self.eps,
-            act,
-        )?;
+        // norm3 of bf16(x1), cast and norm in one pass.
+        let norm3 = ResNormMod {
+            add: None,
+            gate: None,
+            keep_residual: None,
+            ln_in: act,
+            weight: Some(&self.norm3_weight),
+            bias: Some(&self.norm3_bias),
+            eps,
+            norm: act,
+            modulate: None,
+            out: act,
+        };
+        let u = x1.res_norm_mod(&norm3)?.1;
         let q = self.cross_attn.query(&u)?;
         let o = self.cross_attn.out(&sdpa(&q, &text_kv.0, &text_kv.1)?)?;
         let x2 = x1.binary_to(&o, crate::device::BinaryOp::Add, DType::F32)?;
 
-        let b = modulate(&x2.layer_norm(None, None, self.eps, DType::F32)?, 3)?;
-        let y2 = self.ffn_2.forward(&self.ffn_0.forward(&b)?.gelu_tanh()?)?;
-        gated(&x2, &y2, 5)?.to_dtype(act)
+        let b = norm_mod(&x2, DType::F32, DType::F32, 3)?;
+        let w0 = &self.ffn_0.weight;
+        let h = if w0.dtype() == DType::F8E4M3 {
+            self.ffn_0.forward(&b)?.gelu_tanh()?
+        } else {
+            // GELU as the GEMM epilogue: on the f32 accumulator (no bf16 rounding before it).
+            b.to_dtype(w0.dtype())?.linear_ex(
+                w0,
+                self.ffn_0.bias.as_ref(),
+                crate::device::Epilogue::GeluTanh,
+                w0.dtype(),
+            )?
+        };
+        let y2 = self.ffn_2.forward(&h)?;
+        // x3 in f32 rounded once to the activation dtype (= f32 result, then cast).
+        gated(&x2, &y2, 5, act)
     }
 }
