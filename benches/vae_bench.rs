@@ -7,17 +7,22 @@
 //! The VAE's tensor names and shapes come from its own loader (a probe source, as
 //! `worker::role::tiny` does for the tiny model), so they cannot drift from the model code.
 //!
-//!   usage: vae-bench [--seed N] [--warmup N] [--iters N]
+//! `--convs` times the decoder's convolution shapes alone instead (`vae_convs.rs`).
+//! `LAVA_CONV=tune` (autotuned cuDNN engines) or `LAVA_CONV=im2col` pick the conv path;
+//! `LAVA_PROFILE=1` adds one block with per-op device times.
+//!
+//!   usage: vae-bench [--seed N] [--warmup N] [--iters N] [--convs]
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+#[cfg(feature = "cudnn")]
+#[path = "vae_convs.rs"]
+mod vae_convs;
+
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use runtime::memory::{Category, MemoryTracker};
 use runtime::models::vae::{DecodeStream, VaeConfig, WanVae};
-use runtime::models::vars::{TensorSource, VarsRoot};
-use runtime::weights::{CheckpointErrorKind, RandomWeights};
+use runtime::models::vars::VarsRoot;
 use runtime::{DType, Device, Tensor};
 
 /// 704×384 pixels → latent 48×88.
@@ -31,6 +36,7 @@ struct Args {
     seed: u64,
     warmup: usize,
     iters: usize,
+    convs: bool,
 }
 
 fn args() -> Result<Args> {
@@ -38,6 +44,7 @@ fn args() -> Result<Args> {
         seed: 0,
         warmup: 2,
         iters: 5,
+        convs: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -46,6 +53,7 @@ fn args() -> Result<Args> {
             "--seed" => a.seed = val()?.parse()?,
             "--warmup" => a.warmup = val()?.parse()?,
             "--iters" => a.iters = val()?.parse()?,
+            "--convs" => a.convs = true,
             _ => bail!("unknown argument {k}"),
         }
     }
@@ -53,88 +61,6 @@ fn args() -> Result<Args> {
         bail!("--iters must be at least 1");
     }
     Ok(a)
-}
-
-/// Answers every name with a zero tensor of the shape the loader last asked for (empty until
-/// then), so each shape-mismatch error names the next tensor and its shape.
-struct Probe(Mutex<BTreeMap<String, Tensor>>);
-
-impl TensorSource for Probe {
-    fn load(&self, name: &str, device: &Device) -> runtime::Result<Tensor> {
-        match self
-            .0
-            .lock()
-            .map_err(|_| runtime::Error::LockPoisoned)?
-            .get(name)
-        {
-            Some(t) => Ok(t.clone()),
-            None => Tensor::zeros(vec![0], DType::F32, device),
-        }
-    }
-    fn names(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
-    }
-    fn contains(&self, _: &str) -> bool {
-        true
-    }
-    fn origin(&self) -> String {
-        "<VAE shape probe>".into()
-    }
-}
-
-fn vae_tensors(cfg: &VaeConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let probe = Probe(Mutex::new(BTreeMap::new()));
-    let mut done = false;
-    for _ in 0..100_000 {
-        let root = VarsRoot::new(&probe, DType::F32, Device::Cpu);
-        let err = match WanVae::load(&root, cfg.clone()) {
-            Ok(_) => {
-                done = true;
-                break;
-            }
-            Err(e) => e,
-        };
-        let runtime::Error::Checkpoint {
-            kind: CheckpointErrorKind::ShapeMismatch { name, expected, .. },
-            ..
-        } = err
-        else {
-            bail!("probing the VAE's tensors: {err}");
-        };
-        let mut m = probe.0.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-        if m.contains_key(&name) {
-            bail!("probing the VAE's tensors: {name} asked for twice with different shapes");
-        }
-        let t = Tensor::zeros(expected, DType::F32, &Device::Cpu)?;
-        m.insert(name, t);
-    }
-    if !done {
-        bail!("probing the VAE's tensors did not converge");
-    }
-    let m = probe.0.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-    Ok(m.iter()
-        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
-        .collect())
-}
-
-struct Random(RandomWeights, Vec<String>);
-
-impl TensorSource for Random {
-    fn load(&self, name: &str, device: &Device) -> runtime::Result<Tensor> {
-        self.0.tensor(name, device)
-    }
-    fn names(&self) -> Vec<String> {
-        self.1.clone()
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.0.shape(name).is_some()
-    }
-    fn origin(&self) -> String {
-        "<random weights>".into()
-    }
 }
 
 /// Seeded N(0,1) latents `[1, z, n, h, w]`.
@@ -150,6 +76,12 @@ fn gb(b: usize) -> f64 {
 
 fn main() -> Result<()> {
     let a = args()?;
+    if a.convs {
+        #[cfg(feature = "cudnn")]
+        return vae_convs::run(a.iters);
+        #[cfg(not(feature = "cudnn"))]
+        bail!("--convs needs a build with the `cudnn` feature");
+    }
     let dev = Device::cuda_if_available(0).context("CUDA device 0")?;
     println!("{}", runtime::device::cuda::check_kernels(0)?);
     let tracker = MemoryTracker::for_device(&dev);
@@ -157,13 +89,12 @@ fn main() -> Result<()> {
     let cfg = VaeConfig::from_spec(&spec.vae)?;
 
     let t0 = Instant::now();
-    let tensors = vae_tensors(&cfg)?;
+    let tensors = benches::probe_tensors(|root| WanVae::load(root, cfg.clone()).map(|_| ()))?;
     let params: usize = tensors
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
-    let names = tensors.iter().map(|(n, _)| n.clone()).collect();
-    let src = Random(RandomWeights::new(a.seed, tensors), names);
+    let src = benches::Random::new(a.seed, tensors);
     let vae = WanVae::load(&VarsRoot::new(&src, DType::BF16, dev), cfg.clone())?;
     dev.synchronize()?;
     println!(
@@ -230,6 +161,19 @@ fn main() -> Result<()> {
         gb(st.total_peak)
     );
 
+    if runtime::device::cuda::profile::enabled() {
+        // One more block with per-op device times (LAVA_PROFILE=1).
+        use runtime::device::cuda::profile;
+        profile::take(0)?;
+        let t = Instant::now();
+        vae.decode_stream(&mut stream, &block)?;
+        dev.synchronize()?;
+        let wall = t.elapsed().as_secs_f64() * 1e3;
+        print!("{}", profile::table(&profile::take(0)?, 1, wall));
+    }
+    for p in runtime::device::cuda::conv_plans(0)? {
+        println!("PLAN {p}");
+    }
     let y = out.context("no block ran")?;
     let v = y.to_vec_f32()?;
     if v.iter().any(|f| !f.is_finite()) {

@@ -30,7 +30,10 @@ fn main() {
 const CUDNN_HINT: &str = "set CUDNN_FRONTEND_INCLUDE=<site-packages>/include (pip nvidia-cudnn-frontend==1.32.0) \
      and CUDNN_INCLUDE=<site-packages>/nvidia/cudnn/include (pip nvidia-cudnn-cu13==9.19.0.56; headers only)";
 
-/// The cuDNN SDPA shim (`cudnn/sdpa.cpp`): one g++ call, archived as a static library. The
+/// The cuDNN shims under `cudnn/`: SDPA (which also owns the dlopen of cuDNN) and convolution.
+const CUDNN_SOURCES: [&str; 2] = ["sdpa", "conv"];
+
+/// The cuDNN shims (`cudnn/sdpa.cpp`, `cudnn/conv.cpp`): one g++ call per file, archived as one static library. The
 /// frontend loads cuDNN, cudart and libcuda with dlopen, so nothing CUDA is linked.
 fn build_cudnn_shim() -> Result<(), String> {
     for v in [
@@ -41,7 +44,9 @@ fn build_cudnn_shim() -> Result<(), String> {
     ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
-    println!("cargo:rerun-if-changed=cudnn/sdpa.cpp");
+    for name in CUDNN_SOURCES {
+        println!("cargo:rerun-if-changed=cudnn/{name}.cpp");
+    }
     let env_dir = |v: &str| -> Result<PathBuf, String> {
         let p = PathBuf::from(
             std::env::var_os(v).ok_or_else(|| format!("{v} is not set; {CUDNN_HINT}"))?,
@@ -64,39 +69,54 @@ fn build_cudnn_shim() -> Result<(), String> {
             .ok_or("cannot derive CUDA_INCLUDE from nvcc")?,
     };
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?);
-    let obj = out_dir.join("sdpa.o");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    let o = Command::new(&cxx)
-        .args([
-            "-std=c++17",
-            "-O2",
-            "-fPIC",
-            "-c",
-            "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING",
-        ])
-        .arg("-I")
-        .arg(&fe)
-        .arg("-I")
-        .arg(&cudnn)
-        .arg("-I")
-        .arg(&cuda)
-        .arg("cudnn/sdpa.cpp")
-        .arg("-o")
-        .arg(&obj)
-        .output()
-        .map_err(|e| format!("cannot run {cxx}: {e}"))?;
-    if !o.status.success() {
-        return Err(format!(
-            "{cxx} failed on cudnn/sdpa.cpp:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        ));
+    // One g++ per file, in parallel (two cores on CI).
+    let jobs: Vec<_> = CUDNN_SOURCES
+        .iter()
+        .map(|name| {
+            let (cxx, fe, cudnn, cuda) = (cxx.clone(), fe.clone(), cudnn.clone(), cuda.clone());
+            let obj = out_dir.join(format!("{name}.o"));
+            std::thread::spawn(move || -> Result<PathBuf, String> {
+                let src = format!("cudnn/{name}.cpp");
+                let o = Command::new(&cxx)
+                    .args([
+                        "-std=c++17",
+                        "-O2",
+                        "-fPIC",
+                        "-c",
+                        "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING",
+                    ])
+                    .arg("-I")
+                    .arg(&fe)
+                    .arg("-I")
+                    .arg(&cudnn)
+                    .arg("-I")
+                    .arg(&cuda)
+                    .arg(&src)
+                    .arg("-o")
+                    .arg(&obj)
+                    .output()
+                    .map_err(|e| format!("cannot run {cxx}: {e}"))?;
+                if !o.status.success() {
+                    return Err(format!(
+                        "{cxx} failed on {src}:\n{}",
+                        String::from_utf8_lossy(&o.stderr)
+                    ));
+                }
+                Ok(obj)
+            })
+        })
+        .collect();
+    let mut objs = Vec::new();
+    for j in jobs {
+        objs.push(j.join().map_err(|_| "g++ thread panicked".to_string())??);
     }
     let lib = out_dir.join("liblava_cudnn_sdpa.a");
     let _ = std::fs::remove_file(&lib);
     let o = Command::new("ar")
         .arg("rcs")
         .arg(&lib)
-        .arg(&obj)
+        .args(&objs)
         .output()
         .map_err(|e| format!("cannot run ar: {e}"))?;
     if !o.status.success() {

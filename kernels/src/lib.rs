@@ -20,6 +20,8 @@
 mod attention;
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
+#[cfg(feature = "cudnn")]
+pub mod cudnn_conv;
 #[cfg(feature = "cuda")]
 mod elementwise;
 #[cfg(feature = "cuda")]
@@ -32,6 +34,8 @@ mod module;
 pub mod probe;
 #[cfg(feature = "cuda")]
 mod rows;
+#[cfg(feature = "cuda")]
+mod vae;
 
 #[cfg(feature = "cuda")]
 pub use attention::AttnArgs;

@@ -144,6 +144,7 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
         ],
     ),
     ("rope", &["lava_rope", "lava_rmsnorm_rope"]),
+    ("vae", &["lava_channel_norm_silu", "lava_transpose_tiled"]),
 ];
 
 impl Kernels {

@@ -328,6 +328,26 @@ impl BackendStorage for CpuStorage {
         let v = norm::channel_rms_norm(&self.f32s(), &gamma.f32s(), b.as_deref(), n, c, s);
         Ok(Self::from_f32_vec(v, out))
     }
+    fn channel_norm_silu(
+        &self,
+        gamma: &Self,
+        n: usize,
+        c: usize,
+        t: usize,
+        s: usize,
+        tail: usize,
+        out: DType,
+    ) -> Result<(Self, Option<Self>)> {
+        use rayon::prelude::*;
+        let mut v = norm::channel_rms_norm(&self.f32s(), &gamma.f32s(), None, n, c, t * s);
+        v.par_iter_mut().for_each(|x| *x = elementwise::silu(*x));
+        let tail = (tail > 0).then(|| {
+            let k = tail.min(t);
+            let rows = v.chunks((t * s).max(1)).flat_map(|row| &row[(t - k) * s..]);
+            CpuStorage::F32(rows.copied().collect())
+        });
+        Ok((Self::from_f32_vec(v, out), tail))
+    }
     fn rope_interleaved(
         &self,
         cos: &Self,
@@ -342,26 +362,6 @@ impl BackendStorage for CpuStorage {
         Ok(Self::from_f32_vec(v, out))
     }
 
-    fn gemm(&self, b: &Self, bias: Option<&Self>, spec: &GemmSpec) -> Result<Self> {
-        let bias = f32s_opt(bias);
-        let v = matmul::gemm(&self.f32s(), &b.f32s(), bias.as_deref(), spec);
-        Ok(Self::from_f32_vec(v, spec.out))
-    }
-    fn conv1d(&self, w: &Self, bias: Option<&Self>, spec: &Conv1dSpec) -> Result<Self> {
-        let bias = f32s_opt(bias);
-        let v = matmul::conv1d(&self.f32s(), &w.f32s(), bias.as_deref(), spec);
-        Ok(Self::from_f32_vec(v, spec.out))
-    }
-    fn conv3d(&self, w: &Self, bias: Option<&Self>, spec: &Conv3dSpec) -> Result<Self> {
-        let bias = f32s_opt(bias);
-        let v = matmul::conv3d(&self.f32s(), &w.f32s(), bias.as_deref(), spec);
-        Ok(Self::from_f32_vec(v, spec.out))
-    }
-
-    fn attention(&self, k: &Self, v: &Self, bias: Option<&Self>, spec: &AttnSpec) -> Result<Self> {
-        let bias = f32s_opt(bias);
-        let o = attention::attention(&self.f32s(), &k.f32s(), &v.f32s(), bias.as_deref(), spec);
-        Ok(Self::from_f32_vec(o, spec.out))
     fn rms_norm_rope(
         &self,
         weight: &Self,
@@ -417,5 +417,25 @@ impl BackendStorage for CpuStorage {
         ))
     }
 
+    fn gemm(&self, b: &Self, bias: Option<&Self>, spec: &GemmSpec) -> Result<Self> {
+        let bias = f32s_opt(bias);
+        let v = matmul::gemm(&self.f32s(), &b.f32s(), bias.as_deref(), spec);
+        Ok(Self::from_f32_vec(v, spec.out))
+    }
+    fn conv1d(&self, w: &Self, bias: Option<&Self>, spec: &Conv1dSpec) -> Result<Self> {
+        let bias = f32s_opt(bias);
+        let v = matmul::conv1d(&self.f32s(), &w.f32s(), bias.as_deref(), spec);
+        Ok(Self::from_f32_vec(v, spec.out))
+    }
+    fn conv3d(&self, w: &Self, bias: Option<&Self>, spec: &Conv3dSpec) -> Result<Self> {
+        let bias = f32s_opt(bias);
+        let v = matmul::conv3d(&self.f32s(), &w.f32s(), bias.as_deref(), spec);
+        Ok(Self::from_f32_vec(v, spec.out))
+    }
+
+    fn attention(&self, k: &Self, v: &Self, bias: Option<&Self>, spec: &AttnSpec) -> Result<Self> {
+        let bias = f32s_opt(bias);
+        let o = attention::attention(&self.f32s(), &k.f32s(), &v.f32s(), bias.as_deref(), spec);
+        Ok(Self::from_f32_vec(o, spec.out))
     }
 }

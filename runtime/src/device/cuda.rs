@@ -39,6 +39,10 @@ pub(crate) struct CudaDev {
     /// off; the project's own kernel then runs).
     #[cfg(feature = "cudnn")]
     cudnn: std::result::Result<kernels::cudnn::CudnnSdpa, String>,
+    /// cuDNN convolutions, or why not (`LAVA_CONV=im2col` turns them off, `LAVA_CONV=tune`
+    /// times every engine per shape on first use, `cl` / `tune-cl` run them channels last).
+    #[cfg(feature = "cudnn")]
+    conv: std::result::Result<kernels::cudnn_conv::CudnnConv, String>,
     /// Per-op device time when `LAVA_PROFILE=1` ([`profile`]).
     prof: profile::Recorder,
 }
@@ -64,18 +68,29 @@ impl CudaDev {
         // per-slice events are not needed (and would cost a record per use).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(ce)?;
+        // Freed buffers stay in the stream-ordered pool across synchronisations instead of
+        // going back to the driver (the runtime allocates its outputs per op).
+        kernels::keep_pool_memory(&ctx).map_err(ke)?;
         let kernels = Kernels::load(&ctx).map_err(ke)?;
         let lt = Lt::new(Arc::clone(&stream), true).map_err(ke)?;
         let _lt_charge = MemoryTracker::for_device(&Device::Cuda(ordinal))
             .allocate(Category::Workspace, kernels::gemm::WORKSPACE_BYTES)?;
         #[cfg(feature = "cudnn")]
         let cudnn = if std::env::var("LAVA_ATTENTION").is_ok_and(|v| v == "own") {
-        // Freed buffers stay in the stream-ordered pool across synchronisations instead of
-        // going back to the driver (the runtime allocates its outputs per op).
-        kernels::keep_pool_memory(&ctx).map_err(ke)?;
             Err("off (LAVA_ATTENTION=own)".to_string())
         } else {
             kernels::cudnn::CudnnSdpa::new(Arc::clone(&stream)).map_err(|e| e.to_string())
+        };
+        #[cfg(feature = "cudnn")]
+        let conv = match std::env::var("LAVA_CONV").as_deref() {
+            Ok("im2col") => Err("off (LAVA_CONV=im2col)".to_string()),
+            // "tune", "cl" (channels last, transposed around each conv), "tune-cl".
+            v => {
+                let v = v.unwrap_or("");
+                kernels::cudnn_conv::CudnnConv::new(Arc::clone(&stream), v.starts_with("tune"))
+                    .map(|c| c.prefer_channels_last(v.ends_with("cl")))
+                    .map_err(|e| e.to_string())
+            }
         };
         Ok(Self {
             ordinal,
@@ -86,6 +101,9 @@ impl CudaDev {
             _lt_charge,
             #[cfg(feature = "cudnn")]
             cudnn,
+            #[cfg(feature = "cudnn")]
+            conv,
+            prof: profile::Recorder::default(),
         })
     }
 
@@ -103,7 +121,6 @@ impl CudaDev {
         let mut s = CudaStorage {
             buf,
             dtype,
-            prof: profile::Recorder::default(),
             len: elems,
             dev: Arc::clone(self),
             charge: None,
@@ -183,10 +200,32 @@ pub fn check_kernels(ordinal: usize) -> Result<String> {
     };
     #[cfg(not(feature = "cudnn"))]
     let attn = "own kernel (built without `cudnn`)".to_string();
+    #[cfg(feature = "cudnn")]
+    let conv = match &d.conv {
+        Ok(c) => format!(
+            "cuDNN{}{}",
+            if c.tuned() { " autotuned" } else { "" },
+            if c.channels_last() { " channels-last" } else { "" }
+        ),
+        Err(e) => format!("im2col + cuBLASLt (cuDNN conv unavailable: {e})"),
+    };
+    #[cfg(not(feature = "cudnn"))]
+    let conv = "im2col + cuBLASLt (built without `cudnn`)".to_string();
     Ok(format!(
-        "kernels loaded ({}), cuBLASLt GEMM ok, attention: {attn}",
+        "kernels loaded ({}), cuBLASLt GEMM ok, attention: {attn}, conv3d: {conv}",
         from.join(" ")
     ))
+}
+
+/// One line per cuDNN convolution plan made on `ordinal` (empty without the `cudnn` feature).
+pub fn conv_plans(ordinal: usize) -> Result<Vec<String>> {
+    #[cfg(feature = "cudnn")]
+    return Ok(linalg::conv_plans(&*dev(ordinal)?));
+    #[cfg(not(feature = "cudnn"))]
+    {
+        dev(ordinal)?;
+        Ok(Vec::new())
+    }
 }
 
 pub fn check_device(ordinal: usize) -> Result<()> {
@@ -388,6 +427,7 @@ impl BackendStorage for CudaStorage {
     }
 
     fn try_clone(&self) -> Result<Self> {
+        let _p = self.dev.span(|| format!("clone {} {}", self.len, self.dtype.as_str()));
         self.dev.bind()?;
         let buf = self.dev.stream.clone_dtod(&self.buf).map_err(ce)?;
         Ok(Self {
@@ -425,15 +465,29 @@ impl BackendStorage for CudaStorage {
         dst_stride: usize,
         dst_offset: usize,
     ) -> Result<()> {
+        let _p = self.dev.span(|| format!("copy2d {rows}x{cols} {}", self.dtype.as_str()));
         if self.dtype != dst.dtype {
             return Err(Error::DTypeMismatch {
                 op: "copy2d",
                 expected: dst.dtype,
-        let _p = self.dev.span(|| format!("clone {} {}", self.len, self.dtype.as_str()));
                 got: self.dtype,
             });
         }
         self.dev.bind()?;
+        if rows == 1 || (src_stride == cols && dst_stride == cols) {
+            // One contiguous run: a device-to-device memcpy (copy engine, full bandwidth).
+            let (es, n) = (self.dtype.size_in_bytes(), rows * cols);
+            if n == 0 {
+                return Ok(());
+            }
+            let (so, d0) = (src_offset * es, dst_offset * es);
+            if so + n * es > self.buf.len() || d0 + n * es > dst.buf.len() {
+                return Err(Error::invalid("copy2d", "range outside the buffers"));
+            }
+            let src = self.buf.slice(so..so + n * es);
+            let mut dv = dst.buf.slice_mut(d0..d0 + n * es);
+            return self.dev.stream.memcpy_dtod(&src, &mut dv).map_err(ce);
+        }
         let (ss, ds) = ([src_stride, 1], [dst_stride, 1]);
         self.k()
             .copy(
@@ -455,6 +509,7 @@ impl BackendStorage for CudaStorage {
     }
 
     fn permute(&self, dims: &[usize], perm: &[usize]) -> Result<Self> {
+        let _p = self.dev.span(|| format!("permute {dims:?} {perm:?}"));
         let is = kernels::contiguous_strides(dims);
         let od: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
         let st: Vec<usize> = perm.iter().map(|&p| is[p]).collect();
@@ -462,12 +517,12 @@ impl BackendStorage for CudaStorage {
     }
 
     fn index_select(&self, outer: usize, dim: usize, inner: usize, ids: &[u32]) -> Result<Self> {
+        let _p = self.dev.span(|| format!("index_select {outer}x{dim}x{inner}"));
         let mut out = self.new_like(outer * ids.len() * inner, self.dtype)?;
         if ids.is_empty() {
             return Ok(out);
         }
         let dids = self.dev.stream.clone_htod(ids).map_err(ce)?;
-        let _p = self.dev.span(|| format!("copy2d {rows}x{cols} {}", self.dtype.as_str()));
         let max = ids.iter().copied().max().unwrap_or(0);
         let dt = kd(self.dtype);
         self.k()
@@ -476,20 +531,6 @@ impl BackendStorage for CudaStorage {
                 self.input(),
                 Out {
                     buf: &mut out.buf,
-        if rows == 1 || (src_stride == cols && dst_stride == cols) {
-            // One contiguous run: a device-to-device memcpy (copy engine, full bandwidth).
-            let (es, n) = (self.dtype.size_in_bytes(), rows * cols);
-            if n == 0 {
-                return Ok(());
-            }
-            let (so, d0) = (src_offset * es, dst_offset * es);
-            if so + n * es > self.buf.len() || d0 + n * es > dst.buf.len() {
-                return Err(Error::invalid("copy2d", "range outside the buffers"));
-            }
-            let src = self.buf.slice(so..so + n * es);
-            let mut dv = dst.buf.slice_mut(d0..d0 + n * es);
-            return self.dev.stream.memcpy_dtod(&src, &mut dv).map_err(ce);
-        }
                     dtype: dt,
                 },
                 outer,
@@ -510,16 +551,16 @@ impl BackendStorage for CudaStorage {
         fh: usize,
         fw: usize,
     ) -> Result<Self> {
+        let _p = self.dev.span(|| format!("upsample {outer}x{h}x{w}"));
         self.gather(&[outer, h * fh, w * fw], &[h * w, w, 1], Some(&[1, fh, fw]))
-        let _p = self.dev.span(|| format!("permute {dims:?} {perm:?}"));
     }
 
     fn cast(&self, dtype: DType, mul: f32) -> Result<Self> {
+        let _p = self.dev.span(|| format!("cast {} {}->{}", self.len, self.dtype.as_str(), dtype.as_str()));
         let mut out = self.new_like(self.len, dtype)?;
         self.k()
             .unary(
                 self.s(),
-        let _p = self.dev.span(|| format!("index_select {outer}x{dim}x{inner}"));
                 kernels::UnaryOp::Scale(mul),
                 Strided {
                     src: self.input(),
@@ -538,6 +579,7 @@ impl BackendStorage for CudaStorage {
     }
 
     fn unary(&self, op: UnaryOp, out_dtype: DType) -> Result<Self> {
+        let _p = self.dev.span(|| format!("unary {op:?} {} {}->{}", self.len, self.dtype.as_str(), out_dtype.as_str()));
         let mut out = self.new_like(self.len, out_dtype)?;
         self.k()
             .unary(
@@ -553,12 +595,10 @@ impl BackendStorage for CudaStorage {
                     offset: 0,
                     strides: &[1],
                 },
-        let _p = self.dev.span(|| format!("upsample {outer}x{h}x{w}"));
                 &[self.len],
             )
             .map_err(ke)?;
         Ok(out)
-        let _p = self.dev.span(|| format!("cast {} {}->{}", self.len, self.dtype.as_str(), dtype.as_str()));
     }
 
     fn binary(
@@ -568,6 +608,7 @@ impl BackendStorage for CudaStorage {
         layout: &BroadcastLayout,
         out_dtype: DType,
     ) -> Result<Self> {
+        let _p = self.dev.span(|| format!("binary {op:?} {:?} {}->{}", layout.dims, self.dtype.as_str(), out_dtype.as_str()));
         let n = layout.dims.iter().product();
         let mut out = self.new_like(n, out_dtype)?;
         let os = kernels::contiguous_strides(&layout.dims);
@@ -581,7 +622,6 @@ impl BackendStorage for CudaStorage {
         };
         self.k()
             .binary(
-        let _p = self.dev.span(|| format!("unary {op:?} {} {}->{}", self.len, self.dtype.as_str(), out_dtype.as_str()));
                 self.s(),
                 op,
                 Strided {
@@ -610,10 +650,10 @@ impl BackendStorage for CudaStorage {
         b: &Self,
         c: &Self,
         op: TernaryOp,
-        let _p = self.dev.span(|| format!("binary {op:?} {:?} {}->{}", layout.dims, self.dtype.as_str(), out_dtype.as_str()));
         layout: &BroadcastLayout,
         out_dtype: DType,
     ) -> Result<Self> {
+        let _p = self.dev.span(|| format!("ternary {op:?} {:?} {}->{}", layout.dims, self.dtype.as_str(), out_dtype.as_str()));
         let n = layout.dims.iter().product();
         let mut out = self.new_like(n, out_dtype)?;
         let os = kernels::contiguous_strides(&layout.dims);
@@ -653,9 +693,9 @@ impl BackendStorage for CudaStorage {
     }
 
     fn reduce(&self, op: ReduceOp, rows: usize, cols: usize) -> Result<Self> {
+        let _p = self.dev.span(|| format!("reduce {op:?} {rows}x{cols}"));
         let mut out = self.new_like(rows, DType::F32)?;
         let op = match op {
-        let _p = self.dev.span(|| format!("ternary {op:?} {:?} {}->{}", layout.dims, self.dtype.as_str(), out_dtype.as_str()));
             ReduceOp::Sum => kernels::ReduceOp::Sum,
             ReduceOp::Mean => kernels::ReduceOp::Mean,
             ReduceOp::Max => kernels::ReduceOp::Max,
@@ -668,6 +708,7 @@ impl BackendStorage for CudaStorage {
     }
 
     fn softmax(&self, rows: usize, cols: usize, out_dtype: DType) -> Result<Self> {
+        let _p = self.dev.span(|| format!("softmax {rows}x{cols}"));
         let mut out = self.new_like(rows * cols, out_dtype)?;
         self.k()
             .softmax(self.s(), self.input(), out.output(), rows, cols)
@@ -684,6 +725,7 @@ impl BackendStorage for CudaStorage {
         eps: f32,
         out_dtype: DType,
     ) -> Result<Self> {
+        let _p = self.dev.span(|| format!("layer_norm {rows}x{cols} {}->{} affine {}", self.dtype.as_str(), out_dtype.as_str(), weight.is_some()));
         let mut out = self.new_like(rows * cols, out_dtype)?;
         self.k()
             .layer_norm(
@@ -695,7 +737,6 @@ impl BackendStorage for CudaStorage {
                 rows,
                 cols,
                 eps,
-        let _p = self.dev.span(|| format!("reduce {op:?} {rows}x{cols}"));
             )
             .map_err(ke)?;
         Ok(out)
@@ -709,8 +750,8 @@ impl BackendStorage for CudaStorage {
         eps: f32,
         out_dtype: DType,
     ) -> Result<Self> {
+        let _p = self.dev.span(|| format!("rms_norm {rows}x{cols} {}->{}", self.dtype.as_str(), out_dtype.as_str()));
         let mut out = self.new_like(rows * cols, out_dtype)?;
-        let _p = self.dev.span(|| format!("softmax {rows}x{cols}"));
         self.k()
             .rms_norm(
                 self.s(),
@@ -727,7 +768,6 @@ impl BackendStorage for CudaStorage {
 
     fn channel_rms_norm(
         &self,
-        let _p = self.dev.span(|| format!("layer_norm {rows}x{cols} {}->{} affine {}", self.dtype.as_str(), out_dtype.as_str(), weight.is_some()));
         gamma: &Self,
         bias: Option<&Self>,
         n: usize,
@@ -735,6 +775,7 @@ impl BackendStorage for CudaStorage {
         s: usize,
         out_dtype: DType,
     ) -> Result<Self> {
+        let _p = self.dev.span(|| format!("channel_rms_norm {n}x{c}x{s}"));
         let mut out = self.new_like(n * c * s, out_dtype)?;
         self.k()
             .channel_rms_norm(
@@ -752,7 +793,42 @@ impl BackendStorage for CudaStorage {
             .map_err(ke)?;
         Ok(out)
     }
-        let _p = self.dev.span(|| format!("rms_norm {rows}x{cols} {}->{}", self.dtype.as_str(), out_dtype.as_str()));
+
+    fn channel_norm_silu(
+        &self,
+        gamma: &Self,
+        n: usize,
+        c: usize,
+        t: usize,
+        s: usize,
+        tail: usize,
+        out_dtype: DType,
+    ) -> Result<(Self, Option<Self>)> {
+        let _p = self.dev.span(|| format!("norm_silu {c}x{t}x{s} {}", self.dtype.as_str()));
+        let mut out = self.new_like(n * c * t * s, out_dtype)?;
+        let k = tail.min(t);
+        let mut cache = if tail > 0 {
+            Some(self.new_like(n * c * k * s, DType::F32)?)
+        } else {
+            None
+        };
+        self.k()
+            .channel_norm_silu(
+                self.s(),
+                self.input(),
+                gamma.input(),
+                out.output(),
+                cache.as_mut().map(|x| (x.output(), k)),
+                n,
+                c,
+                t,
+                s,
+                1e-12,
+                (c as f32).sqrt(),
+            )
+            .map_err(ke)?;
+        Ok((out, cache))
+    }
 
     fn rope_interleaved(
         &self,
@@ -764,6 +840,7 @@ impl BackendStorage for CudaStorage {
         d: usize,
         out_dtype: DType,
     ) -> Result<Self> {
+        let _p = self.dev.span(|| format!("rope {b}x{l}x{h}x{d} {}->{}", self.dtype.as_str(), out_dtype.as_str()));
         let mut out = self.new_like(b * l * h * d, out_dtype)?;
         let (bs, ls, hs) = ((l * h * d) as i64, (h * d) as i64, d as i64);
         let a = kernels::RopeArgs {
@@ -777,7 +854,6 @@ impl BackendStorage for CudaStorage {
             o_bs: bs,
             o_ls: ls,
             o_hs: hs,
-        let _p = self.dev.span(|| format!("channel_rms_norm {n}x{c}x{s}"));
             t_bs: 0,
             t_ls: (d / 2) as i64,
             ..Default::default()
@@ -793,6 +869,36 @@ impl BackendStorage for CudaStorage {
             )
             .map_err(ke)?;
         Ok(out)
+    }
+
+    fn rms_norm_rope(
+        &self,
+        weight: &Self,
+        cos: &Self,
+        sin: &Self,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        eps: f32,
+        norm: DType,
+        out: DType,
+    ) -> Result<Self> {
+        fused::rms_norm_rope(
+            self, weight, cos, sin, rows, heads, head_dim, eps, norm, out,
+        )
+    }
+
+    fn res_norm_mod(
+        &self,
+        y: Option<&Self>,
+        gate: Option<&Self>,
+        weight: Option<&Self>,
+        bias: Option<&Self>,
+        scale: Option<&Self>,
+        shift: Option<&Self>,
+        spec: &ResNormSpec,
+    ) -> Result<(Option<Self>, Self)> {
+        fused::res_norm_mod(self, y, gate, weight, bias, scale, shift, spec)
     }
 
     fn gemm(&self, b: &Self, bias: Option<&Self>, spec: &GemmSpec) -> Result<Self> {
@@ -828,34 +934,3 @@ impl CudaStorage {
 pub(crate) fn stream(ordinal: usize) -> Result<Arc<CudaStream>> {
     Ok(Arc::clone(&dev(ordinal)?.stream))
 }
-        let _p = self.dev.span(|| format!("rope {b}x{l}x{h}x{d} {}->{}", self.dtype.as_str(), out_dtype.as_str()));
-    fn rms_norm_rope(
-        &self,
-        weight: &Self,
-        cos: &Self,
-        sin: &Self,
-        rows: usize,
-        heads: usize,
-        head_dim: usize,
-        eps: f32,
-        norm: DType,
-        out: DType,
-    ) -> Result<Self> {
-        fused::rms_norm_rope(
-            self, weight, cos, sin, rows, heads, head_dim, eps, norm, out,
-        )
-    }
-
-    fn res_norm_mod(
-        &self,
-        y: Option<&Self>,
-        gate: Option<&Self>,
-        weight: Option<&Self>,
-        bias: Option<&Self>,
-        scale: Option<&Self>,
-        shift: Option<&Self>,
-        spec: &ResNormSpec,
-    ) -> Result<(Option<Self>, Self)> {
-        fused::res_norm_mod(self, y, gate, weight, bias, scale, shift, spec)
-    }
-

@@ -391,6 +391,20 @@ pub trait BackendStorage: Sized + std::fmt::Debug + Send + Sync {
         s: usize,
         out: DType,
     ) -> Result<Self>;
+    /// x `[n, c, t, s]`: `SiLU(channel_rms_norm(x, gamma))` (no bias) in f32, rounded once to
+    /// `out`; with `tail > 0` also the last `tail` frames of that f32 value as a separate f32
+    /// `[n, c, tail, s]` (the causal cache of the VAE convolution the output feeds).
+    #[allow(clippy::too_many_arguments)]
+    fn channel_norm_silu(
+        &self,
+        gamma: &Self,
+        n: usize,
+        c: usize,
+        t: usize,
+        s: usize,
+        tail: usize,
+        out: DType,
+    ) -> Result<(Self, Option<Self>)>;
 
     // === Position ===
     /// x `[b, l, h, d]`, cos/sin f32 `[l, d/2]`: pair (2i, 2i+1) → (re·cos − im·sin,
@@ -407,19 +421,6 @@ pub trait BackendStorage: Sized + std::fmt::Debug + Send + Sync {
         out: DType,
     ) -> Result<Self>;
 
-    // === Matmul and convolution (f32 accumulation) ===
-    /// See [`GemmSpec`]. A and B share a dtype (fp8 allowed); bias is f32, bf16 or f16.
-    fn gemm(&self, b: &Self, bias: Option<&Self>, spec: &GemmSpec) -> Result<Self>;
-    /// See [`Conv1dSpec`]; x and w share a dtype; out `[batch, c_out, l_out]`.
-    fn conv1d(&self, w: &Self, bias: Option<&Self>, spec: &Conv1dSpec) -> Result<Self>;
-    /// See [`Conv3dSpec`]; x and w share a dtype; out `[batch, c_out, t', h', w']`.
-    fn conv3d(&self, w: &Self, bias: Option<&Self>, spec: &Conv3dSpec) -> Result<Self>;
-
-    // === Attention ===
-    /// Non-causal multi-head attention, see [`AttnSpec`]: softmax(scale·q·kᵀ + bias)·v with f32
-    /// scores, f32 softmax and f32 accumulation; out rounded once.
-    fn attention(&self, k: &Self, v: &Self, bias: Option<&Self>, spec: &AttnSpec) -> Result<Self>;
-}
     /// RMSNorm over rows of `[rows, heads·head_dim]` then interleaved RoPE per row (token):
     /// `n = round_to(dtype(self), x·rsqrt(mean(x²) + eps))`, `m = round_to(norm, n · w)`,
     /// pairs of `m` rotated with cos/sin f32 `[rows, head_dim/2]` in f64, rounded to f32 and
@@ -453,3 +454,16 @@ pub trait BackendStorage: Sized + std::fmt::Debug + Send + Sync {
         spec: &ResNormSpec,
     ) -> Result<(Option<Self>, Self)>;
 
+    // === Matmul and convolution (f32 accumulation) ===
+    /// See [`GemmSpec`]. A and B share a dtype (fp8 allowed); bias is f32, bf16 or f16.
+    fn gemm(&self, b: &Self, bias: Option<&Self>, spec: &GemmSpec) -> Result<Self>;
+    /// See [`Conv1dSpec`]; x and w share a dtype; out `[batch, c_out, l_out]`.
+    fn conv1d(&self, w: &Self, bias: Option<&Self>, spec: &Conv1dSpec) -> Result<Self>;
+    /// See [`Conv3dSpec`]; x and w share a dtype; out `[batch, c_out, t', h', w']`.
+    fn conv3d(&self, w: &Self, bias: Option<&Self>, spec: &Conv3dSpec) -> Result<Self>;
+
+    // === Attention ===
+    /// Non-causal multi-head attention, see [`AttnSpec`]: softmax(scale·q·kᵀ + bias)·v with f32
+    /// scores, f32 softmax and f32 accumulation; out rounded once.
+    fn attention(&self, k: &Self, v: &Self, bias: Option<&Self>, spec: &AttnSpec) -> Result<Self>;
+}

@@ -117,6 +117,18 @@ impl BackendStorage for CudaStorage {
     ) -> Result<Self> {
         match *self {}
     }
+    fn channel_norm_silu(
+        &self,
+        _: &Self,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: DType,
+    ) -> Result<(Self, Option<Self>)> {
+        match *self {}
+    }
     fn rope_interleaved(
         &self,
         _: &Self,
@@ -141,7 +153,6 @@ impl BackendStorage for CudaStorage {
     fn attention(&self, _: &Self, _: &Self, _: Option<&Self>, _: &AttnSpec) -> Result<Self> {
         match *self {}
     }
-}
     fn rms_norm_rope(
         &self,
         _: &Self,
@@ -168,3 +179,4 @@ impl BackendStorage for CudaStorage {
     ) -> Result<(Option<Self>, Self)> {
         match *self {}
     }
+}

@@ -32,10 +32,11 @@ mod layout;
 mod linalg;
 mod ops;
 mod shape;
+mod vae;
 
 pub use dtype::{DType, F8E4M3, F8E4M3_MAX, WithDType};
-pub use linalg::{Conv1dOpts, Conv3dOpts};
 pub use fused::ResNormMod;
+pub use linalg::{Conv1dOpts, Conv3dOpts};
 pub use shape::Shape;
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};

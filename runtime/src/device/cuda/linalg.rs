@@ -222,6 +222,20 @@ pub(super) fn conv3d(
     if let Some((x, w)) = gemm_dtype(x, w)? {
         return conv3d(&x, &w, bias, spec);
     }
+    let _p = x.dev.span(|| {
+        format!(
+            "conv3d {}x{:?}->{} k{:?} {}",
+            spec.c_in,
+            spec.input,
+            spec.c_out,
+            spec.kernel,
+            x.dtype.as_str()
+        )
+    });
+    #[cfg(feature = "cudnn")]
+    if let Some(y) = conv3d_cudnn(x, w, bias, spec)? {
+        return Ok(y);
+    }
     let od = spec.out_dims();
     let p: usize = od.iter().product();
     let kvol: usize = spec.kernel.iter().product();
@@ -264,6 +278,114 @@ pub(super) fn conv3d(
     finish_conv(&acc, bias, spec.out, spec.batch * spec.c_out, p)
 }
 
+/// bf16/f16 convolutions through cuDNN (f32 stays on im2col + cuBLASLt: cuDNN may pick TF32
+/// engines for f32). `None` when cuDNN is off or refuses the shape: the caller falls back.
+#[cfg(feature = "cudnn")]
+fn conv3d_cudnn(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    bias: Option<&CudaStorage>,
+    spec: &Conv3dSpec,
+) -> Result<Option<CudaStorage>> {
+    let dev = &x.dev;
+    let Ok(c) = &dev.conv else {
+        return Ok(None);
+    };
+    if !matches!(x.dtype, DType::BF16 | DType::F16) || spec.out != x.dtype {
+        return Ok(None);
+    }
+    let shape = kernels::cudnn_conv::ConvShape {
+        batch: spec.batch,
+        c_in: spec.c_in,
+        c_out: spec.c_out,
+        input: spec.input,
+        kernel: spec.kernel,
+        stride: spec.stride,
+        pad: spec.pad,
+        channels_last: false,
+    };
+    let p: usize = spec.out_dims().iter().product();
+    let mut out = x.new_like(spec.batch * spec.c_out * p, spec.out)?;
+    // A bias of another dtype is added by the epilogue kernel below.
+    let fused = bias.filter(|b| b.dtype == x.dtype);
+    let res = if c.channels_last() {
+        // NCDHW → NDHWC around a channels-last cuDNN convolution.
+        let pin: usize = spec.input.iter().product();
+        let kvol: usize = spec.kernel.iter().product();
+        let tr = |src: &CudaStorage, batch: usize, rows: usize, cols: usize| -> Result<CudaStorage> {
+            let mut t = src.scratch(batch * rows * cols, src.dtype)?;
+            dev.kernels
+                .transpose(&dev.stream, src.input(), out_of(&mut t), batch, rows, cols)
+                .map_err(ke)?;
+            Ok(t)
+        };
+        let xt = tr(x, spec.batch, spec.c_in, pin)?;
+        let wt = tr(w, spec.c_out, spec.c_in, kvol)?;
+        let mut yt = x.scratch(spec.batch * spec.c_out * p, spec.out)?;
+        let shape = kernels::cudnn_conv::ConvShape {
+            channels_last: true,
+            ..shape
+        };
+        let r = c.forward(
+            xt.input(),
+            wt.input(),
+            fused.map(|b| b.input()),
+            out_of(&mut yt),
+            &shape,
+        );
+        if r.is_ok() {
+            dev.kernels
+                .transpose(
+                    &dev.stream,
+                    yt.input(),
+                    out_of(&mut out),
+                    spec.batch,
+                    p,
+                    spec.c_out,
+                )
+                .map_err(ke)?;
+        }
+        r
+    } else {
+        c.forward(
+            x.input(),
+            w.input(),
+            fused.map(|b| b.input()),
+            out_of(&mut out),
+            &shape,
+        )
+    };
+    let applied = match res {
+        Ok(a) => a && fused.is_some(),
+        Err(kernels::Error::Unsupported { .. }) => return Ok(None),
+        Err(e) => return Err(ke(e)),
+    };
+    if let (Some(b), false) = (bias, applied) {
+        dev.kernels
+            .bias_act(
+                &dev.stream,
+                None,
+                Some(b.input()),
+                out_of(&mut out),
+                spec.batch * spec.c_out,
+                p,
+                true,
+                Act::None,
+            )
+            .map_err(ke)?;
+    }
+    Ok(Some(out))
+}
+
+/// The cuDNN convolution plans made so far on `dev` (shape, bias fusion, engine), for logs.
+#[cfg(feature = "cudnn")]
+pub(super) fn conv_plans(dev: &super::CudaDev) -> Vec<String> {
+    match &dev.conv {
+        Ok(c) => c.plans(),
+        Err(e) => vec![format!("cuDNN conv off: {e}")],
+    }
+}
+
 pub(super) fn attention(
     q: &CudaStorage,
     k: &CudaStorage,
@@ -273,6 +395,7 @@ pub(super) fn attention(
 ) -> Result<CudaStorage> {
     let dev = &q.dev;
     let (b, lq, lk, h, hd) = (spec.batch, spec.lq, spec.lk, spec.heads, spec.head_dim);
+    let _p = dev.span(|| format!("attention b{b} lq{lq} lk{lk} h{h} d{hd} {}", q.dtype.as_str()));
     let bf16 = bias.is_none()
         && [q.dtype, k.dtype, v.dtype, spec.out]
             .iter()
@@ -395,7 +518,6 @@ pub(super) fn attention(
                     )
                     .map_err(ke)?;
                 Some(summed)
-    let _p = dev.span(|| format!("attention b{b} lq{lq} lk{lk} h{h} d{hd} {}", q.dtype.as_str()));
             }
             None => None,
         };

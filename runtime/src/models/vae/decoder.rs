@@ -70,7 +70,7 @@ impl Decoder3d {
         for s in &self.upsamples {
             x = s.forward(&x, caches, act)?;
         }
-        let x = self.head_norm.forward_silu(&x)?;
-        self.head_conv.forward_cached(&x, caches, act)
+        self.head_conv
+            .forward_normed(&self.head_norm, &x, caches, act)
     }
 }

@@ -66,7 +66,7 @@ impl Encoder3d {
         x = self.middle.0.forward(&x, caches, act)?;
         x = self.middle.1.forward(&x, act)?;
         x = self.middle.2.forward(&x, caches, act)?;
-        let x = self.head_norm.forward_silu(&x)?;
-        self.head_conv.forward_cached(&x, caches, act)
+        self.head_conv
+            .forward_normed(&self.head_norm, &x, caches, act)
     }
 }

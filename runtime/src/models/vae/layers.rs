@@ -126,13 +126,40 @@ impl CausalConv3d {
 
     /// A cached forward: uses and then advances this conv's slot.
     pub fn forward_cached(&self, x: &Tensor, caches: &mut Caches, act: DType) -> Result<Tensor> {
+        self.forward_cached_tail(x, x, caches, act)
+    }
+
+    /// As [`Self::forward_cached`], with the frames to cache given apart: `tail` holds the
+    /// last frames of the conv's input as the reference keeps them (f32 after norm/SiLU)
+    /// while `x` may already be rounded to `act` (see [`RmsNorm::norm_silu`]).
+    pub fn forward_cached_tail(
+        &self,
+        x: &Tensor,
+        tail: &Tensor,
+        caches: &mut Caches,
+        act: DType,
+    ) -> Result<Tensor> {
         let old = caches.take();
         let y = match &old {
             Slot::Frames(c) => self.forward(x, Some(c), act)?,
             _ => self.forward(x, None, act)?,
         };
-        caches.put(Slot::Frames(next_cache(x, &old)?));
+        caches.put(Slot::Frames(next_cache(tail, &old)?));
         Ok(y)
+    }
+
+    /// norm → SiLU → this conv with its cache, the norm and SiLU fused into one pass that
+    /// writes the conv's input in `act` and the f32 frames to cache.
+    pub fn forward_normed(
+        &self,
+        norm: &RmsNorm,
+        x: &Tensor,
+        caches: &mut Caches,
+        act: DType,
+    ) -> Result<Tensor> {
+        let (y, tail) = norm.norm_silu(x, CACHE_T, act)?;
+        let tail = tail.ok_or_else(|| Error::invalid("vae conv", "input without frames"))?;
+        self.forward_cached_tail(&y, &tail, caches, act)
     }
 }
 
@@ -188,6 +215,16 @@ impl RmsNorm {
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         self.forward(x)?.unary_to(UnaryOp::Silu, DType::F32)
     }
+    /// norm then SiLU in f32 in one pass, rounded once to `out`, plus the last `tail` frames
+    /// of the f32 value (what a following cached conv keeps).
+    pub fn norm_silu(
+        &self,
+        x: &Tensor,
+        tail: usize,
+        out: DType,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        x.channel_norm_silu(&self.gamma, tail, out)
+    }
 }
 
 /// `ResidualBlock`: residual.{0 norm, 2 conv, 3 norm, 6 conv}, 1×1×1 shortcut if widths differ.
@@ -227,10 +264,8 @@ impl ResidualBlock {
             Some(s) => s.forward(x, None, act)?,
             None => x.clone(),
         };
-        let y = self.norm1.forward_silu(x)?;
-        let y = self.conv1.forward_cached(&y, caches, act)?;
-        let y = self.norm2.forward_silu(&y)?;
-        let y = self.conv2.forward_cached(&y, caches, act)?;
+        let y = self.conv1.forward_normed(&self.norm1, x, caches, act)?;
+        let y = self.conv2.forward_normed(&self.norm2, &y, caches, act)?;
         y.binary_to(&h, crate::device::BinaryOp::Add, act)
     }
 }
