@@ -8,6 +8,8 @@
 //! call's output as little-endian f32 to `--dump` so that it can be compared with the PyTorch
 //! reference run on the same seed (`bench_ref.py --hash-seed --fill-ring --dump`).
 //!
+//! With `LAVA_PROFILE=1` it also prints the device time per op (CUDA events; `PROFILE` lines).
+//!
 //!   usage: dit-bench [--seed N] [--warmup N] [--iters N] [--dump PATH]
 
 use std::time::Instant;
@@ -135,8 +137,13 @@ fn main() -> Result<()> {
 
     let mut times = Vec::new();
     let mut out = None;
+    let profile = runtime::device::cuda::profile::enabled();
     for i in 0..a.warmup + a.iters {
         dev.synchronize()?;
+        if profile && i == a.warmup {
+            // Drop the spans of the load, prefills and warm-up calls.
+            runtime::device::cuda::profile::take(0)?;
+        }
         let t = Instant::now();
         let y = model.forward_stream(&mut caches[0], &call(steady), &text, None)?;
         dev.synchronize()?;
@@ -156,6 +163,15 @@ fn main() -> Result<()> {
         TFLOP_PER_CALL / med * 1e3,
         TFLOP_PER_CALL_CACHED_TEXT / med * 1e3,
     );
+
+    if profile {
+        let rows = runtime::device::cuda::profile::take(0)?;
+        let wall: f64 = times.iter().sum::<f64>() / times.len() as f64;
+        print!(
+            "{}",
+            runtime::device::cuda::profile::table(&rows, times.len(), wall)
+        );
+    }
 
     let st = tracker.stats();
     for c in Category::ALL {

@@ -185,8 +185,8 @@ fn prefill_matches(dev: &Device) -> runtime::Result<()> {
         for i in 0..model.cfg.num_layers {
             let (k, v) = cache.sink(i).unwrap();
             let p = format!("r{r}.blocks.{i}");
-            rep.check(&format!("{p}.cond_k"), k, &pre, &format!("{p}.cond_k"));
-            rep.check(&format!("{p}.cond_v"), v, &pre, &format!("{p}.cond_v"));
+            rep.check(&format!("{p}.cond_k"), &k, &pre, &format!("{p}.cond_k"));
+            rep.check(&format!("{p}.cond_v"), &v, &pre, &format!("{p}.cond_v"));
         }
     }
     rep.finish("prefill", TOL);

@@ -154,7 +154,8 @@ fn prefix_attention_and_row_copy(dev: &Device) -> Result<()> {
     let act = DType::BF16;
     let (q, _) = rng.randn((1, lq, h, d), 1.0, act, dev)?;
     let (kbuf, _) = rng.randn((lmax, h, d), 1.0, act, dev)?;
-    let (vbuf, _) = rng.randn((lmax, h, d), 1.0, act, dev)?;
+    // Buffers of different lengths: only the prefix matters.
+    let (vbuf, _) = rng.randn((lmax + 4, h, d), 1.0, act, dev)?;
     // The rows past lk are garbage to the op: it must not read them.
     let k = cpu(&kbuf).narrow(0, 0, lk)?.unsqueeze(0)?;
     let v = cpu(&vbuf).narrow(0, 0, lk)?.unsqueeze(0)?;

@@ -205,12 +205,13 @@ impl Tensor {
     }
 
     /// Attention of q `[1, Lq, H, D]` over the first `lk` rows of the key/value buffers
-    /// `[Lmax, H, D]` (a cache whose valid keys form a prefix; keys are unmasked, so their
+    /// `[Lk_max, H, D]`, `[Lv_max, H, D]` (a cache whose valid keys form a prefix; keys are unmasked, so their
     /// order does not matter), scale 1/√D, output in q's dtype.
     pub fn attention_prefix(&self, k: &Tensor, v: &Tensor, lk: usize) -> Result<Tensor> {
         let (batch, lq, heads, head_dim) = self.dims4()?;
         let (kl, kh, kd) = k.dims3()?;
-        if batch != 1 || (kh, kd) != (heads, head_dim) || v.dims() != k.dims() || lk > kl {
+        let (vl, vh, vd) = v.dims3()?;
+        if batch != 1 || (kh, kd) != (heads, head_dim) || (vh, vd) != (kh, kd) || lk > kl.min(vl) {
             return Err(Error::ShapeMismatch {
                 op: "attention_prefix",
                 lhs: self.shape().clone(),

@@ -1,6 +1,12 @@
 //! Streaming KV state (model-spec §4.3, §4.4): one [`StepCache`] per denoising step, each
 //! with a ring of `ring_frames·fsl` roped noisy keys/values per layer and the un-roped sink
 //! keys/values of exactly Lc rows (sized from the geometry, no fixed 3000-row buffer).
+//!
+//! Layout, so that a call attends to contiguous buffers without concatenating the cache: per
+//! layer the values are one buffer `[Lc + ring]` (sink rows first, then the ring; attention
+//! reads its prefix `[0, Lc + window)`), and the keys of a call are the sink re-rotated with
+//! this call's table followed by the ring window, written into one scratch buffer. Keys are
+//! unmasked, so the order of keys (with their values) does not change the result.
 
 use super::attention::sdpa;
 use super::block::SelfAttnKv;
@@ -13,12 +19,13 @@ use crate::{DType, Device, Error, Result, Tensor};
 #[derive(Debug)]
 pub struct StepCache {
     geom: StreamGeometry,
-    /// Roped noisy keys / values per layer, `[ring_len, heads, head_dim]`.
+    /// Roped noisy keys per layer, `[ring_len, heads, head_dim]`.
     k: Vec<Tensor>,
+    /// Values per layer: `[ring_len, heads, head_dim]` until the first prefill, then
+    /// `[Lc + ring_len, heads, head_dim]` with the sink values in rows `[0, Lc)`.
     v: Vec<Tensor>,
-    /// Un-roped (post-RMSNorm) sink keys and the sink values per layer, `[Lc, heads, head_dim]`.
+    /// Un-roped (post-RMSNorm) sink keys per layer, `[Lc, heads, head_dim]`.
     cond_k: Vec<Option<Tensor>>,
-    cond_v: Vec<Option<Tensor>>,
 }
 
 impl StepCache {
@@ -41,7 +48,6 @@ impl StepCache {
             k: ring()?,
             v: ring()?,
             cond_k: vec![None; cfg.num_layers],
-            cond_v: vec![None; cfg.num_layers],
         })
     }
 
@@ -54,12 +60,40 @@ impl StepCache {
         self.cond_k.iter().all(Option::is_some)
     }
 
-    /// Sink keys (un-roped) and values of `layer`, if prefilled.
-    pub fn sink(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
-        Some((
-            self.cond_k.get(layer)?.as_ref()?,
-            self.cond_v.get(layer)?.as_ref()?,
-        ))
+    /// Sink keys (un-roped) and a copy of the sink values of `layer`, if prefilled.
+    pub fn sink(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        let k = self.cond_k.get(layer)?.as_ref()?;
+        let lc = k.dims()[0];
+        Some((k.clone(), self.v.get(layer)?.narrow(0, 0, lc).ok()?))
+    }
+
+    /// The sink rows of `layer` (0 before the prefill).
+    fn sink_len(&self, layer: usize) -> usize {
+        self.cond_k[layer].as_ref().map_or(0, |k| k.dims()[0])
+    }
+
+    /// Store the prefill's un-roped keys and values `[Lc, H, D]` of `layer` as its sink: the
+    /// first prefill moves the value ring behind Lc sink rows, a later one (clip 1)
+    /// overwrites the sink rows in place.
+    fn set_sink(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let _g = scope(Category::KvCache);
+        let lc = k.dims()[0];
+        let ring = self.geom.ring_len();
+        let old = self.sink_len(layer);
+        if old == 0 {
+            let (_, h, d) = v.dims3()?;
+            let vb = Tensor::zeros((lc + ring, h, d), v.dtype(), &v.device())?;
+            vb.copy_rows_from(lc, &self.v[layer], 0, ring)?;
+            self.v[layer] = vb;
+        } else if old != lc {
+            return Err(Error::invalid(
+                "StepCache",
+                format!("sink of {lc} rows after one of {old}"),
+            ));
+        }
+        self.v[layer].copy_rows_from(0, v, 0, lc)?;
+        self.cond_k[layer] = Some(k.try_clone()?);
+        Ok(())
     }
 
     /// Ring write offset and active window (tokens) of a call starting at token
@@ -83,8 +117,7 @@ impl StepCache {
 
     /// Keys attended per layer by a call at `current_start`: window + sink.
     pub fn key_len(&self, current_start: usize) -> Result<usize> {
-        let sink = self.cond_k[0].as_ref().map_or(0, |k| k.dims()[0]);
-        Ok(self.window(current_start)?.1 + sink)
+        Ok(self.window(current_start)?.1 + self.sink_len(0))
     }
 }
 
@@ -103,11 +136,7 @@ pub struct PrefillKv<'a> {
 
 impl SelfAttnKv for PrefillKv<'_> {
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        {
-            let _g = scope(Category::KvCache);
-            self.cache.cond_k[layer] = Some(rows(k)?.try_clone()?);
-            self.cache.cond_v[layer] = Some(rows(v)?.try_clone()?);
-        }
+        self.cache.set_sink(layer, &rows(k)?, &rows(v)?)?;
         let act = q.dtype();
         let r = self.rope;
         let q = q.rope_interleaved(&r.cos, &r.sin, act)?;
@@ -134,19 +163,24 @@ impl SelfAttnKv for StreamKv<'_> {
         let q = q.rope_interleaved(&self.noisy.cos, &self.noisy.sin, act)?;
         let k = k.rope_interleaved(&self.noisy.cos, &self.noisy.sin, act)?;
         let c = &mut *self.cache;
-        c.k[layer].slice_set(&rows(&k)?, 0, self.write)?;
-        c.v[layer].slice_set(&rows(v)?, 0, self.write)?;
-        let (Some(ck), Some(cv)) = (&c.cond_k[layer], &c.cond_v[layer]) else {
+        let lc = c.sink_len(layer);
+        let Some(ck) = &c.cond_k[layer] else {
             return Err(Error::invalid(
                 "StreamKv",
                 "streaming call before the prefill",
             ));
         };
+        c.k[layer].slice_set(&rows(&k)?, 0, self.write)?;
+        c.v[layer].slice_set(&rows(v)?, 0, lc + self.write)?;
+        // Keys: [sink rotated with this call's table | ring window], one scratch buffer;
+        // values: the prefix [sink | ring window] of the layer's value buffer.
         let ck = ck
             .unsqueeze(0)?
             .rope_interleaved(&self.cond.cos, &self.cond.sin, act)?;
-        let keys = Tensor::cat(&[&c.k[layer].narrow(0, 0, self.window)?, &rows(&ck)?], 0)?;
-        let vals = Tensor::cat(&[&c.v[layer].narrow(0, 0, self.window)?, cv], 0)?;
-        sdpa(&q, &keys.unsqueeze(0)?, &vals.unsqueeze(0)?)
+        let (_, _, h, d) = ck.dims4()?;
+        let keys = Tensor::uninit((lc + self.window, h, d), act, &q.device())?;
+        keys.copy_rows_from(0, &rows(&ck)?, 0, lc)?;
+        keys.copy_rows_from(lc, &c.k[layer], 0, self.window)?;
+        q.attention_prefix(&keys, &c.v[layer], lc + self.window)
     }
 }

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One GPU session for the full-size DiT performance work (issue #4 item 6), every step run
+# even when an earlier one fails; logs under OUT/dit/, a short table last.
+#   1. the CUDA op tests of the fused kernels (test executables built here with
+#      `cargo test --release -p runtime --features cudnn --test ops_fused --test ops_layout --test ops --no-run`,
+#      copied into BIN as ops_fused / ops_layout / ops);
+#   2. dit-bench with LAVA_PROFILE=1 (device time per op kind and shape, CUDA events);
+#   3. dit-bench timed (no profiling), output dumped;
+#   4. the PyTorch reference on the same seeded weights and inputs (tests/reference/bench_ref.py;
+#      DIT_REF=reuse compares with BIN/torch_out.f32 and BIN/torch.txt of an earlier run instead);
+#   5. benches/dit_compare.py (ms, TFLOP/s, speed-up, rel L2, memory vs plan).
+# BIN holds dit-bench, plan.json (`lava plan --gpus H200 --size '704*384' --num_gpus_dit 1
+# --json`) and the test executables.
+#   usage: benches/dit_gpu.sh BIN OUT
+set -u
+BIN=${1:?binary folder}
+OUT=${2:?output folder}/dit
+mkdir -p "$OUT"
+site=$(python3 -c 'import site;print(site.getsitepackages()[0])')
+shim=/tmp/lava-cuda-shim
+mkdir -p "$shim"
+ln -sf "$(ls "$site"/nvidia/nccl/lib/libnccl.so.2)" "$shim/libnccl.so"
+ln -sf "$(ls "$site"/nvidia/cu*/lib/libcublas.so.* "$site"/nvidia/cublas/lib/libcublas.so.* 2>/dev/null | head -1)" "$shim/libcublas.so"
+export LD_LIBRARY_PATH=$shim:$(ls -d "$site"/nvidia/*/lib | tr '\n' :)${LD_LIBRARY_PATH:-}
+export NCCL_NVLS_ENABLE=0
+declare -A rc
+step() { # name, command...: run with a log, remember the exit status
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "== $name"
+  "$@" > "$OUT/$name.txt" 2>&1
+  rc[$name]=$?
+  tail -n 25 "$OUT/$name.txt"
+  echo "-- $name: exit ${rc[$name]}, $((SECONDS - t0)) s"
+}
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  python3 -m pip list 2>/dev/null | grep -Ei '^(torch|nvidia-cudnn)' || true
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+for t in ops_fused ops_layout ops; do
+  [ -x "$BIN/$t" ] && step "test_$t" "$BIN/$t" --test-threads 1 cuda
+done
+step profile env LAVA_PROFILE=1 "$BIN/dit-bench" --seed 0 --warmup 1 --iters 3
+step bench "$BIN/dit-bench" --seed 0 --warmup 3 --iters 10 --dump "$OUT/lava_out.f32"
+if [ "${DIT_REF:-run}" = reuse ]; then
+  cp "$BIN/torch.txt" "$OUT/torch.txt"; cp "$BIN/torch_out.f32" "$OUT/torch_out.f32"
+  rc[torch]=reused
+else
+  step torch env PYTHONUNBUFFERED=1 python3 tests/reference/bench_ref.py --hash-seed 0 --fill-ring \
+    --warmup 3 --iters 10 --dump "$OUT/torch_out.f32"
+fi
+step compare python3 benches/dit_compare.py "$OUT/bench.txt" "$OUT/torch.txt" "$BIN/plan.json" \
+  "$OUT/lava_out.f32" "$OUT/torch_out.f32"
+
+echo "== profile (per call, top rows)"
+grep '^PROFILE' "$OUT/profile.txt" | head -n 45
+echo "== steps"
+for k in "${!rc[@]}"; do echo "$k: ${rc[$k]}"; done | sort
+grep -h 'test result' "$OUT"/test_*.txt 2>/dev/null
+grep -E '^(RESULT|MEM total)' "$OUT/bench.txt"
+tail -n 16 "$OUT/compare.txt"
