@@ -98,7 +98,12 @@ impl Drop for Plan {
 }
 
 type Key = (ConvShape, DType, bool);
-type State = (HashMap<Key, Plan>, Option<CudaSlice<u8>>);
+/// Plans by shape, the shared workspace, and why cuDNN refused a shape (for [`CudnnConv::plans`]).
+type State = (
+    HashMap<Key, Plan>,
+    Option<CudaSlice<u8>>,
+    HashMap<Key, String>,
+);
 
 /// cuDNN convolutions for one device stream.
 #[derive(Debug)]
@@ -136,7 +141,7 @@ impl CudnnConv {
         }
         Ok(Self {
             stream,
-            state: Mutex::new((HashMap::new(), None)),
+            state: Mutex::new((HashMap::new(), None, HashMap::new())),
             tune,
             channels_last: false,
         })
@@ -211,9 +216,15 @@ impl CudnnConv {
             op: "cudnn conv",
             msg: "lock poisoned".into(),
         })?;
-        let (plans, ws) = &mut *guard;
+        let (plans, ws, refused) = &mut *guard;
         let want_bias = bias.is_some();
         let key: Key = (*g, dt, want_bias);
+        if let Some(msg) = refused.get(&key) {
+            return Err(Error::Unsupported {
+                op: "cudnn conv plan",
+                msg: msg.clone(),
+            });
+        }
         if !plans.contains_key(&key) {
             let pre = i64s(g.pad.map(|p| p.0));
             let post = i64s(g.pad.map(|p| p.1));
@@ -250,10 +261,21 @@ impl CudnnConv {
                 })
             };
             let plan = match create(want_bias) {
-                Ok(p) => p,
+                Ok(p) => Ok(p),
                 // No fused engine: the bare convolution, bias added by the caller.
-                Err(_) if want_bias => create(false)?,
-                Err(e) => return Err(e),
+                Err(e) if want_bias => create(false).map_err(|e2| format!("{e}; without bias: {e2}")),
+                Err(e) => Err(e.to_string()),
+            };
+            let plan = match plan {
+                Ok(p) => p,
+                Err(msg) => {
+                    // Remembered, so a refused shape is not re-planned on every call.
+                    refused.insert(key, msg.clone());
+                    return Err(Error::Unsupported {
+                        op: "cudnn conv plan",
+                        msg,
+                    });
+                }
             };
             plans.insert(key, plan);
         }
@@ -342,6 +364,19 @@ impl CudnnConv {
                 )
             })
             .collect();
+        v.extend(guard.2.iter().map(|((g, dt, b), msg)| {
+            format!(
+                "REFUSED x [{},{},{:?}]{} k {:?} s {:?} pad {:?} → {} {dt:?} bias {b}: {msg}",
+                g.batch,
+                g.c_in,
+                g.input,
+                if g.channels_last { " NDHWC" } else { "" },
+                g.kernel,
+                g.stride,
+                g.pad,
+                g.c_out
+            )
+        }));
         v.sort();
         v
     }
