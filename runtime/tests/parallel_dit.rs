@@ -176,6 +176,14 @@ fn run_in(mesh: Mesh, fsdp: bool, weights: Weights, dtype: DType, tol: f32) {
                         let inject = c.audio_inject_layers.iter();
                         let held = inject.filter(|&&i| m.block_range().contains(&i)).count();
                         assert_eq!(r.audio_injector.injector.len(), held);
+                        // The time projection and the AdaLN linears are tp-sharded by rows.
+                        let rows = |w: &Tensor| w.dims()[0] * mesh.tp;
+                        if let Some(e) = &r.embed {
+                            assert_eq!(rows(&e.time.projection_1.col.weight), 6 * c.dim);
+                        }
+                        for a in &r.audio_injector.injector_adain_layers {
+                            assert_eq!(rows(&a.col.weight), 2 * c.dim);
+                        }
                     }
                     generate(m, &inp)
                 })

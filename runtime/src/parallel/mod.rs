@@ -32,7 +32,7 @@ pub use crate::weights::ShardHint as Shard;
 pub use fsdp::{FlatLayout, Gathered, Piece, ShardedUnit};
 pub use layout::{DitLayout, PipelineStage, SoloComm, solo};
 pub use pipeline::StageBoundary;
-pub use tp::{ColumnParallel, RowParallel, ShardedRmsNorm, TpAttention};
+pub use tp::{ColumnParallel, GatheredColumn, RowParallel, ShardedRmsNorm, TpAttention};
 pub use ulysses::{Attention, SeqShard, UlyssesKv};
 
 use crate::comm::Comm;

@@ -13,8 +13,9 @@ use crate::device::{BinaryOp, Epilogue};
 use crate::models::VarBuilder;
 use crate::{DType, Error, Result, Tensor};
 
-/// How a checkpoint tensor of a transformer block (or an audio injector, the same attention
-/// module) is split under tensor parallelism: `None` means replicated. `name` is the full or
+/// How a checkpoint tensor of a transformer block, an audio injector (the same attention
+/// module, plus its AdaLN linear) or the time projection is split under tensor parallelism:
+/// `None` means replicated. `name` is the full or
 /// block-relative key, e.g. `blocks.3.self_attn.q.weight` or `ffn.2.bias`.
 pub fn block_hint(name: &str, rank: usize, world: usize) -> Option<Shard> {
     let hint = |dim| Some(Shard { dim, rank, world });
@@ -26,6 +27,17 @@ pub fn block_hint(name: &str, rank: usize, world: usize) -> Option<Shard> {
     let parent = parts
         .get(2)
         .map_or("", |p| p.rsplit('.').next().unwrap_or(""));
+    // Column-parallel with the (few-row) output all-gathered: the injectors' AdaLN linear
+    // and the time projection ([`GatheredColumn`]).
+    if (name.contains("injector_adain_layers.") && module == "linear")
+        || (parent == "time_projection" && module == "1")
+    {
+        return matches!(param, "weight" | "bias").then_some(Shard {
+            dim: 0,
+            rank,
+            world,
+        });
+    }
     match (parent, module, param) {
         // Column-parallel: rows are heads (q, k, v) or hidden units (ffn.0); the q/k norm
         // weights follow their heads.
@@ -113,6 +125,52 @@ fn quantize(w: &mut Tensor) -> Result<()> {
         *w = w.quantize_fp8()?;
     }
     Ok(())
+}
+
+/// A column-parallel linear whose output is all-gathered over the tp group, so every rank
+/// holds the whole result: for layers with a large weight and an output of a few rows (the
+/// time projection, the injectors' AdaLN), which the planner counts as sharded.
+#[derive(Debug, Clone)]
+pub struct GatheredColumn {
+    pub col: ColumnParallel,
+    comm: SharedComm,
+}
+
+impl GatheredColumn {
+    /// This rank's rows of `vb`'s `weight [out, inp]` and `bias [out]`.
+    pub fn load(vb: &VarBuilder, out: usize, inp: usize, comm: SharedComm) -> Result<Self> {
+        Ok(Self {
+            col: ColumnParallel::load(vb, out, inp, comm.rank(), comm.world())?,
+            comm,
+        })
+    }
+
+    /// The same layer with f32 weights (the reference's fp32 autocast regions).
+    pub fn to_f32(&self) -> Result<Self> {
+        let _g = crate::memory::scope(crate::memory::Category::Weights);
+        let c = &self.col;
+        Ok(Self {
+            col: ColumnParallel::new(
+                c.weight.to_dtype(DType::F32)?,
+                c.bias
+                    .as_ref()
+                    .map(|b| b.to_dtype(DType::F32))
+                    .transpose()?,
+            )?,
+            comm: self.comm.clone(),
+        })
+    }
+
+    pub fn quantize_fp8(&mut self) -> Result<()> {
+        self.col.quantize_fp8()
+    }
+
+    /// `x [.., in]` (replicated) → `[.., out]`, this rank's columns computed, the rest
+    /// gathered (each output element is the same dot product as unsharded).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.col.forward(x)?;
+        self.comm.all_gather(&y, y.rank().saturating_sub(1))
+    }
 }
 
 /// A linear layer whose input features are split over the TP group; the output is

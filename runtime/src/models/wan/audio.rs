@@ -8,7 +8,7 @@ use super::attention::{Linear, sdpa};
 use super::block::FrameRuns;
 use super::config::WanConfig;
 use crate::device::PadMode;
-use crate::parallel::{SharedComm, TpAttention};
+use crate::parallel::{GatheredColumn, SharedComm, TpAttention};
 use crate::{Conv1dOpts, DType, Error, Result, Tensor};
 
 /// `CausalConv1d`: kernel 3, left replicate padding of 2, in f32.
@@ -136,7 +136,8 @@ impl CausalAudioEncoder {
 #[derive(Debug, Clone)]
 pub struct AudioInjector {
     pub injector: Vec<TpAttention>,
-    pub injector_adain_layers: Vec<Linear>,
+    /// Column-parallel over tp, output (per-frame shift and scale) gathered.
+    pub injector_adain_layers: Vec<GatheredColumn>,
     /// Index j of `injector[0]`.
     pub first: usize,
     pub adain_eps: f32,
@@ -155,7 +156,10 @@ impl AudioInjector {
                 .collect::<Result<_>>()?,
             injector_adain_layers: js
                 .clone()
-                .map(|j| Linear::load(&vb.pp("injector_adain_layers").pp(j).pp("linear"), 2 * d, d))
+                .map(|j| {
+                    let vb = vb.pp("injector_adain_layers").pp(j).pp("linear");
+                    GatheredColumn::load(&vb, 2 * d, d, tp.clone())
+                })
                 .collect::<Result<_>>()?,
             first: js.start,
             adain_eps: c.adain_eps,

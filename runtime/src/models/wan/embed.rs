@@ -5,6 +5,7 @@
 use super::super::VarBuilder;
 use super::attention::Linear;
 use super::config::WanConfig;
+use crate::parallel::{GatheredColumn, SharedComm};
 use crate::{Conv3dOpts, Device, Result, Tensor};
 
 /// A patchifying `nn.Conv3d` (`patch_embedding`, `cond_encoder`, `frame_packer.proj*`).
@@ -43,19 +44,20 @@ impl PatchConv {
 pub struct TimeEmbedding {
     pub embedding_0: Linear,
     pub embedding_2: Linear,
-    pub projection_1: Linear,
+    /// Column-parallel over tp, output gathered (6·dim rows of dim: the largest root linear).
+    pub projection_1: GatheredColumn,
     pub freq_dim: usize,
     pub dim: usize,
 }
 
 impl TimeEmbedding {
-    pub fn load(vb: &VarBuilder, c: &WanConfig) -> Result<Self> {
+    pub fn load(vb: &VarBuilder, c: &WanConfig, tp: &SharedComm) -> Result<Self> {
         let te = vb.pp("time_embedding");
+        let proj = vb.pp("time_projection").pp("1");
         Ok(Self {
             embedding_0: Linear::load(&te.pp("0"), c.dim, c.freq_dim)?.to_f32()?,
             embedding_2: Linear::load(&te.pp("2"), c.dim, c.dim)?.to_f32()?,
-            projection_1: Linear::load(&vb.pp("time_projection").pp("1"), 6 * c.dim, c.dim)?
-                .to_f32()?,
+            projection_1: GatheredColumn::load(&proj, 6 * c.dim, c.dim, tp.clone())?.to_f32()?,
             freq_dim: c.freq_dim,
             dim: c.dim,
         })

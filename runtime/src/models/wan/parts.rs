@@ -41,13 +41,13 @@ pub struct Embeddings {
 }
 
 impl Embeddings {
-    pub fn load(vb: &VarBuilder, c: &WanConfig) -> Result<Self> {
+    pub fn load(vb: &VarBuilder, c: &WanConfig, tp: &SharedComm) -> Result<Self> {
         let d = c.dim;
         Ok(Self {
             patch_embedding: PatchConv::load(&vb.pp("patch_embedding"), d, c.in_dim, [1, 2, 2])?,
             cond_encoder: PatchConv::load(&vb.pp("cond_encoder"), d, c.cond_dim, [1, 2, 2])?,
             text_embedding: TextEmbedding::load(&vb.pp("text_embedding"), c)?,
-            time: TimeEmbedding::load(vb, c)?,
+            time: TimeEmbedding::load(vb, c, tp)?,
             trainable_cond_mask: vb.pp("trainable_cond_mask").get("weight", &[3, d])?,
             casual_audio_encoder: CausalAudioEncoder::load(&vb.pp("casual_audio_encoder"), c)?,
             frame_packer: FramePacker::load(&vb.pp("frame_packer"), c)?,
@@ -113,7 +113,7 @@ impl Holding {
 impl Root {
     pub fn load(vb: &VarBuilder, c: &WanConfig, h: &Holding, tp: &SharedComm) -> Result<Self> {
         Ok(Self {
-            embed: h.first.then(|| Embeddings::load(vb, c)).transpose()?,
+            embed: h.first.then(|| Embeddings::load(vb, c, tp)).transpose()?,
             audio_injector: AudioInjector::load(
                 &vb.pp("audio_injector"),
                 c,
