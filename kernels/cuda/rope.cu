@@ -15,24 +15,23 @@ struct RopeArgs {
     int32_t x_dtype, out_dtype;
 };
 
+// One block per (batch, token) row, threads over that row's heads * half_dim pairs (32-bit
+// index math inside a row).
 extern "C" __global__ void lava_rope(RopeArgs a, const void* x, const float* cos_t, const float* sin_t,
                                      void* out) {
-    int64_t total = a.batch * a.tokens * a.heads * a.half_dim;
-    for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total;
-         t += (int64_t)gridDim.x * blockDim.x) {
-        int64_t i = t % a.half_dim;
-        int64_t r = t / a.half_dim;
-        int64_t h = r % a.heads;
-        r /= a.heads;
-        int64_t l = r % a.tokens;
-        int64_t b = r / a.tokens;
-        int64_t xo = b * a.x_bs + l * a.x_ls + h * a.x_hs + 2 * i;
-        int64_t oo = b * a.o_bs + l * a.o_ls + h * a.o_hs + 2 * i;
-        int64_t to = b * a.t_bs + l * a.t_ls + i;
-        double c = cos_t[to], s = sin_t[to];
-        double x0 = load_any(x, a.x_dtype, xo), x1 = load_any(x, a.x_dtype, xo + 1);
-        store_any(out, a.out_dtype, oo, (float)(x0 * c - x1 * s));
-        store_any(out, a.out_dtype, oo + 1, (float)(x0 * s + x1 * c));
+    const int64_t rows = a.batch * a.tokens;
+    const int32_t half = (int32_t)a.half_dim, pairs = (int32_t)(a.heads * a.half_dim);
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const int64_t b = r / a.tokens, l = r % a.tokens;
+        const int64_t xr = b * a.x_bs + l * a.x_ls, orow = b * a.o_bs + l * a.o_ls, tr = b * a.t_bs + l * a.t_ls;
+        for (int32_t p = threadIdx.x; p < pairs; p += blockDim.x) {
+            const int32_t h = p / half, i = p - h * half;
+            const int64_t xo = xr + h * a.x_hs + 2 * i, oo = orow + h * a.o_hs + 2 * i;
+            double c = cos_t[tr + i], s = sin_t[tr + i];
+            double x0 = load_any(x, a.x_dtype, xo), x1 = load_any(x, a.x_dtype, xo + 1);
+            store_any(out, a.out_dtype, oo, (float)(x0 * c - x1 * s));
+            store_any(out, a.out_dtype, oo + 1, (float)(x0 * s + x1 * c));
+        }
     }
 }
 

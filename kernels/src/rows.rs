@@ -424,6 +424,12 @@ impl Kernels {
         if total == 0 {
             return Ok(());
         }
+        if a.heads * a.half_dim > i64::from(i32::MAX) {
+            return Err(Error::Unsupported {
+                op: "rope",
+                msg: format!("{} pairs per token", a.heads * a.half_dim),
+            });
+        }
         check_len(
             "rope",
             "x",
@@ -450,8 +456,14 @@ impl Kernels {
         let f = self.func("lava_rope")?;
         let mut l = s.launch_builder(f);
         l.arg(&a).arg(&xp).arg(&cp).arg(&sp).arg(&op_);
+        let rows = (a.batch * a.tokens) as usize;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.clamp(1, self.sm_count as usize * 64) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: arguments match lava_rope; spans checked.
-        unsafe { l.launch(self.grid(total)) }.w("launch lava_rope")?;
+        unsafe { l.launch(cfg) }.w("launch lava_rope")?;
         Ok(())
     }
 

@@ -20,6 +20,14 @@ pub trait SelfAttnKv {
     /// q, k, v: RMS-normed heads `[1, L, H, d]` (not yet rotated) of layer `layer`; returns
     /// the attention output heads `[1, L, H, d]`.
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+
+    /// Self-attention of `a` through `attn`'s projections: by default the q/k norms, then
+    /// [`SelfAttnKv::attend`]; a streaming cache fuses the norms with its rotation.
+    fn attend_proj(&mut self, layer: usize, attn: &TpAttention, a: &Tensor) -> Result<Tensor> {
+        let q = attn.query(a)?;
+        let (k, v) = attn.key_value(a)?;
+        self.attend(layer, &q, &k, &v)
+    }
 }
 
 /// The tokens of one rank as runs of consecutive tokens, each run with the index of the
@@ -211,9 +219,9 @@ impl WanAttentionBlock {
             })
         };
         let a = norm_mod(x, act, act, 0)?;
-        let q = self.self_attn.query(&a)?;
-        let (k, v) = self.self_attn.key_value(&a)?;
-        let y = self.self_attn.out(&kv.attend(layer, &q, &k, &v)?)?;
+        let y = self
+            .self_attn
+            .out(&kv.attend_proj(layer, &self.self_attn, &a)?)?;
         let x1 = gated(x, &y, 2, DType::F32)?;
 
         // norm3 of bf16(x1), cast and norm in one pass.

@@ -13,6 +13,7 @@ use super::block::SelfAttnKv;
 use super::config::{StreamGeometry, WanConfig};
 use super::rope::RopeTable;
 use crate::memory::{Category, scope};
+use crate::parallel::TpAttention;
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// The KV cache of one denoising step.
@@ -162,6 +163,33 @@ impl SelfAttnKv for StreamKv<'_> {
         let act = q.dtype();
         let q = q.rope_interleaved(&self.noisy.cos, &self.noisy.sin, act)?;
         let k = k.rope_interleaved(&self.noisy.cos, &self.noisy.sin, act)?;
+        self.attend_roped(layer, &q, &k, v)
+    }
+
+    /// With unsharded q/k norms: RMSNorm and the noisy-position rotation in one pass each.
+    fn attend_proj(&mut self, layer: usize, attn: &TpAttention, a: &Tensor) -> Result<Tensor> {
+        let (nq, nk) = (&attn.norm_q, &attn.norm_k);
+        if nq.weight.elem_count() != nq.full_dim || nk.weight.elem_count() != nk.full_dim {
+            let q = attn.query(a)?;
+            let (k, v) = attn.key_value(a)?;
+            return self.attend(layer, &q, &k, &v);
+        }
+        let (cos, sin) = (&self.noisy.cos, &self.noisy.sin);
+        let h = attn.local_heads;
+        let ql = attn.q.forward(a)?;
+        let act = ql.dtype().promote(nq.weight.dtype());
+        let q = attn.heads(&ql.rms_norm_rope(&nq.weight, nq.eps, cos, sin, h, act)?)?;
+        let kl = attn.k.forward(a)?;
+        let k = attn.heads(&kl.rms_norm_rope(&nk.weight, nk.eps, cos, sin, h, act)?)?;
+        let v = attn.heads(&attn.v.forward(a)?)?;
+        self.attend_roped(layer, &q, &k, &v)
+    }
+}
+
+impl StreamKv<'_> {
+    /// q, k already rotated at the noisy positions.
+    fn attend_roped(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let act = q.dtype();
         let c = &mut *self.cache;
         let lc = c.sink_len(layer);
         let Some(ck) = &c.cond_k[layer] else {
@@ -170,7 +198,7 @@ impl SelfAttnKv for StreamKv<'_> {
                 "streaming call before the prefill",
             ));
         };
-        c.k[layer].slice_set(&rows(&k)?, 0, self.write)?;
+        c.k[layer].slice_set(&rows(k)?, 0, self.write)?;
         c.v[layer].slice_set(&rows(v)?, 0, lc + self.write)?;
         // Keys: [sink rotated with this call's table | ring window], one scratch buffer;
         // values: the prefix [sink | ring window] of the layer's value buffer.
