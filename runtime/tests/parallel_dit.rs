@@ -109,6 +109,17 @@ fn with_model<T>(
     f: impl FnOnce(&CausalWanModelS2V) -> T,
 ) -> T {
     let c = cfg();
+    // F8E4M3: bf16 weights with the --fp8 linears (§8.1).
+    let (dtype, fp8) = match dtype {
+        DType::F8E4M3 => (DType::BF16, true),
+        d => (d, false),
+    };
+    let quantized = |mut m: CausalWanModelS2V| {
+        if fp8 {
+            m.quantize_fp8().unwrap();
+        }
+        m
+    };
     match weights {
         Weights::Fixture => {
             let ckpt = Checkpoint::open(fixtures().join("checkpoint")).unwrap();
@@ -120,21 +131,25 @@ fn with_model<T>(
                 },
             )
             .unwrap();
-            let m = CausalWanModelS2V::from_checkpoint_rank(
-                &c,
-                &ckpt,
-                Some(&lora),
-                dtype,
-                Device::Cpu,
-                layout,
-            )
-            .unwrap();
+            let m = quantized(
+                CausalWanModelS2V::from_checkpoint_rank(
+                    &c,
+                    &ckpt,
+                    Some(&lora),
+                    dtype,
+                    Device::Cpu,
+                    layout,
+                )
+                .unwrap(),
+            );
             f(&m)
         }
         Weights::Random => {
             let rw = RandomWeights::new(5, c.expected_tensors());
             let vb = VarBuilder::random(&rw, dtype, Device::Cpu);
-            f(&CausalWanModelS2V::load_rank(&c, &vb, layout).unwrap())
+            f(&quantized(
+                CausalWanModelS2V::load_rank(&c, &vb, layout).unwrap(),
+            ))
         }
     }
 }
@@ -254,6 +269,15 @@ fn dit_pp2_ulysses2_fsdp() {
 #[test]
 fn dit_tp2_ulysses2_bf16() {
     run_in(mesh(1, 2, 2), false, Weights::Fixture, DType::BF16, 1e-2);
+}
+
+/// `--fp8` under tp: each rank quantises its own weight shard and scales its own activation
+/// shard before the row-parallel GEMMs, so the scales differ from one rank's; within fp8
+/// tolerance of the single-rank fp8 model.
+#[test]
+fn dit_tp2_fp8() {
+    let tol = runtime::testing::tolerance(DType::F8E4M3);
+    run_in(mesh(1, 1, 2), false, Weights::Fixture, DType::F8E4M3, tol);
 }
 
 #[test]
