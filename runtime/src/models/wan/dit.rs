@@ -49,7 +49,7 @@ pub struct StreamCall<'a> {
 #[derive(Debug)]
 pub struct CausalWanModelS2V {
     pub cfg: WanConfig,
-    /// This rank's blocks (`blocks()`), resident; empty under FSDP.
+    /// This rank's blocks (`block_range()`), resident; empty under FSDP.
     pub blocks: Vec<WanAttentionBlock>,
     /// This rank's root part, resident; `None` under FSDP.
     pub root: Option<Root>,
