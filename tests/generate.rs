@@ -128,8 +128,9 @@ fn generate_writes_an_mp4_with_the_planned_size_and_audio() {
 
 #[test]
 fn infeasible_plan_starts_nothing() {
+    let lava = bin_dir().join("lava");
     let t0 = Instant::now();
-    let run = Command::new(bin_dir().join("lava"))
+    let run = Command::new(lava)
         .arg("generate")
         .args(tiny_flags("2x1GB", "1920*1088"))
         .args([
@@ -264,11 +265,33 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (d / n).sqrt()
 }
 
+/// The bundled speech twice over (5.3 s): two clips (93 frames + the 3 the audio skips, 3.84 s)
+/// need more audio than the 2.6 s clip has.
+fn long_speech() -> &'static PathBuf {
+    static WAV: OnceLock<PathBuf> = OnceLock::new();
+    WAV.get_or_init(|| {
+        let out = std::env::temp_dir().join(format!("lava-speech-x2-{}.wav", std::process::id()));
+        let ok = Command::new("ffmpeg")
+            .args(["-v", "error", "-y", "-stream_loop", "1", "-i"])
+            .arg(data("speech_44k.mp3"))
+            .arg(&out)
+            .status()
+            .expect("ffmpeg on PATH");
+        assert!(ok.success());
+        out
+    })
+}
+
 /// The smallest size the tiny model takes for boy.jpg (latents of 8 × 8).
 const SMALL: &str = "64*64";
 
 /// Runs `lava generate` for 2 clips with `layout` flags; returns (final latents, mp4, log).
 fn generate_two_clips(name: &str, layout: &[&str]) -> (Vec<f32>, PathBuf, String) {
+    generate_clips(name, layout, 2)
+}
+
+/// Runs `lava generate` for `clips` clips with `layout` flags: (final latents, mp4, log).
+fn generate_clips(name: &str, layout: &[&str], clips: u32) -> (Vec<f32>, PathBuf, String) {
     let tmp = std::env::temp_dir();
     let pid = std::process::id();
     let mp4 = tmp.join(format!("lava-{name}-{pid}.mp4"));
@@ -284,8 +307,12 @@ fn generate_two_clips(name: &str, layout: &[&str]) -> (Vec<f32>, PathBuf, String
             &data("boy.jpg"),
         ])
         .args(layout)
-        .args(["--audio", &data("speech_44k.mp3"), "--prompt", "a boy"])
-        .args(["--num_clip", "2", "--save_file"])
+        .arg("--audio")
+        .arg(long_speech())
+        .args(["--prompt", "a boy"])
+        .arg("--num_clip")
+        .arg(clips.to_string())
+        .arg("--save_file")
         .arg(&mp4)
         .arg("--save_latents")
         .arg(&lat)
@@ -312,19 +339,8 @@ fn generate_two_clips(name: &str, layout: &[&str]) -> (Vec<f32>, PathBuf, String
 /// 93 frames at 25 fps with audio), and the summary reports every stage and rank.
 #[test]
 fn tpp_layouts_equal_the_single_rank_run() {
-    let (want, mp4, _) = generate_two_clips(
-        "tpp1",
-        &[
-            "--gpus",
-            "2x24GB",
-            "--num_gpus_dit",
-            "1",
-            "--enable_vae_parallel",
-        ],
-    );
-    let (w, h, ..) = probe(&mp4);
-    let _ = std::fs::remove_file(&mp4);
-    assert!(want.iter().any(|v| *v != 0.0));
+    let (want, (w, h)) = single_rank();
+    let (w, h) = (*w, *h);
     for (name, layout, stages, ranks) in [
         (
             "tpp4",
@@ -353,7 +369,7 @@ fn tpp_layouts_equal_the_single_rank_run() {
         ),
     ] {
         let (got, mp4, log) = generate_two_clips(name, layout);
-        let err = rel_l2(&got, &want);
+        let err = rel_l2(&got, want);
         assert!(err <= 1e-6, "{name}: rel L2 {err}\n{log}");
         assert_eq!(
             probe(&mp4),
@@ -372,5 +388,75 @@ fn tpp_layouts_equal_the_single_rank_run() {
             assert!(log.contains(&format!("lava:     rank {r} (")), "{log}");
         }
         assert!(log.contains("first frame after"), "{log}");
+    }
+}
+
+/// The single-rank run (one DiT rank + VAE rank, 2 clips): (final latents, (width, height)),
+/// made once for every test of this file that compares with it.
+fn single_rank() -> &'static (Vec<f32>, (u64, u64)) {
+    static REF: OnceLock<(Vec<f32>, (u64, u64))> = OnceLock::new();
+    REF.get_or_init(|| {
+        let (want, mp4, _) = generate_two_clips(
+            "tpp1",
+            &[
+                "--gpus",
+                "2x24GB",
+                "--num_gpus_dit",
+                "1",
+                "--enable_vae_parallel",
+            ],
+        );
+        let (w, h, ..) = probe(&mp4);
+        let _ = std::fs::remove_file(&mp4);
+        assert!(want.iter().any(|v| *v != 0.0));
+        (want, (w, h))
+    })
+}
+
+/// Stages split over ranks (the model's tp / Ulysses / layer-pipeline / FSDP layouts, runtime
+/// parallel types) as separate processes: TP = 2, Ulysses = 2, PP = 2, FSDP = 2 (over a
+/// Ulysses group of 2) with a VAE rank, for one clip, and TPP × TP (2 stages × tp 2, the VAE
+/// co-located) for two: the final latents equal the single-rank run's (f32 rel L2 ≤ 1e-6) and
+/// the MP4 passes ffprobe.
+#[test]
+fn split_stage_layouts_equal_the_single_rank_run() {
+    let (want, (w, h)) = single_rank();
+    let dit2 = [
+        "--gpus",
+        "3x24GB",
+        "--num_gpus_dit",
+        "2",
+        "--enable_vae_parallel",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        dit2.iter().chain(extra).copied().collect()
+    };
+    let tpp_tp = [
+        "--gpus",
+        "4x24GB",
+        "--num_gpus_dit",
+        "4",
+        "--tp",
+        "2",
+        "--enable_vae_parallel",
+        "false",
+    ];
+    for (name, layout, clips) in [
+        ("tp2", with(&["--tp", "2"]), 1),
+        ("sp2", with(&["--ulysses_size", "2"]), 1),
+        ("pp2", with(&["--pp", "2"]), 1),
+        ("fsdp2", with(&["--ulysses_size", "2", "--fsdp"]), 1),
+        ("tpp2xtp2", tpp_tp.to_vec(), 2),
+    ] {
+        let (got, mp4, log) = generate_clips(name, &layout, clips);
+        let err = rel_l2(&got, &want[..got.len()]);
+        assert!(err <= 1e-6, "{name}: rel L2 {err}\n{log}");
+        let frames = (48 * clips - 3).to_string();
+        assert_eq!(
+            probe(&mp4),
+            (*w, *h, "25/1".to_string(), frames, true),
+            "{name}"
+        );
+        let _ = std::fs::remove_file(&mp4);
     }
 }

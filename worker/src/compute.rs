@@ -103,6 +103,8 @@ pub enum Command {
         ckpt_dir: String,
         /// Which parts this rank holds: (DiT, VAE); both on a DiT rank hosting the VAE.
         parts: (bool, bool),
+        /// The job's ranks, from Init's layout (split stages form their groups at load).
+        topology: crate::role::topology::Topology,
         reply: oneshot::Sender<Result<(u64, u64), Failure>>,
     },
     /// Run one generation on this rank over the communicator (see [`crate::role`]).
@@ -228,7 +230,8 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
                     ))
                 } else {
                     connect(device, rendezvous, rank, world).map(|c| {
-                        let detail = c.1.clone();
+                        // "socket communicator rank 1 of 3" → "socket communicator, rank 1 of 3"
+                        let detail = c.1.replacen(" rank", ", rank", 1);
                         comm = Some(c);
                         detail
                     })
@@ -239,17 +242,18 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
                 name,
                 ckpt_dir,
                 parts,
+                topology,
                 reply,
             } => {
                 tracker.reset_peak();
-                let outcome =
-                    crate::role::Loaded::load(&name, &ckpt_dir, parts, runtime_device(device)).map(
-                        |m| {
-                            let bytes = m.weight_bytes();
-                            model = Some(m);
-                            (bytes, peak(&tracker))
-                        },
-                    );
+                let c = comm.as_ref().map(|c| c.0.as_ref());
+                let dev = runtime_device(device);
+                let outcome = crate::role::Loaded::load(&name, &ckpt_dir, parts, dev, c, &topology)
+                    .map(|m| {
+                        let bytes = m.weight_bytes();
+                        model = Some(m);
+                        (bytes, peak(&tracker))
+                    });
                 let _ = reply.send(outcome);
             }
             Command::Generate {
@@ -301,7 +305,7 @@ fn probe(device: Device, comm: Option<&str>) -> Result<Probe, String> {
 }
 
 /// The communicator: sockets between CPU ranks, NCCL between CUDA ranks (`cuda` feature),
-/// checked with a barrier. Returns it with a description.
+/// checked with a barrier. Returns it with its description for health probes.
 fn connect(
     device: Device,
     rendezvous: Rendezvous,

@@ -347,10 +347,16 @@ impl pb::worker_server::Worker for WorkerService {
             Some(Role::Dit(d)) => (true, d.hosts_vae),
             _ => (false, true),
         };
+        let topology = crate::role::topology::Topology::new(
+            &plan.layout,
+            usize::try_from(s.rank).unwrap_or(usize::MAX),
+        )
+        .map_err(|e| s.err(ErrorKind::BadInput, e))?;
         let cmd = Command::Load {
             name: model.name,
             ckpt_dir: model.ckpt_dir,
             parts,
+            topology,
             reply,
         };
         let (weight_bytes, peak_memory_bytes) = s.compute(cmd, rx).await?;
@@ -384,7 +390,7 @@ impl pb::worker_server::Worker for WorkerService {
             &plan.layout,
             usize::try_from(s.rank).unwrap_or(usize::MAX),
         )
-        .map_err(|e| s.err(ErrorKind::Unsupported, e))?;
+        .map_err(|e| s.err(ErrorKind::BadInput, e))?;
         let size = planner::size::SizeArg::parse(&format!("{}*{}", req.width, req.height))
             .map_err(|e| s.err(ErrorKind::BadInput, e.to_string()))?;
         let job = crate::role::Job {

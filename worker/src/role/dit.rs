@@ -130,14 +130,16 @@ pub fn run_stage(
     for r in 0..p.clips {
         match r {
             0 => runner.prefill(&ref_latent.to_device(&dev)?)?,
-            // The clip-1 re-prefill with clip 0's first denoised latent (§4.6, §6.3): the last
-            // stage has it and sends it to every other DiT rank.
+            // The clip-1 re-prefill with clip 0's first denoised latent (§4.6, §6.3): every rank
+            // of the last stage has it; the final rank sends it to the other stages' ranks.
             1 => {
                 let sink = if runner.is_last() {
                     let sink = first.take().context("clip 0 produced no latent")?;
-                    for &peer in topo.dit_ranks.iter().filter(|&&d| d != topo.rank) {
-                        send_tensor(comm, &sink, peer)
-                            .context("sending clip 0's first latent (the new sink)")?;
+                    if topo.rank == topo.final_rank {
+                        for &peer in &topo.sink_receivers {
+                            send_tensor(comm, &sink, peer)
+                                .context("sending clip 0's first latent (the new sink)")?;
+                        }
                     }
                     sink
                 } else {
@@ -185,11 +187,13 @@ pub fn run_stage(
                     if (r, b) == (0, 0) && p.clips > 1 {
                         first = Some(x.narrow(1, 0, 1)?);
                     }
-                    on_final(FinalBlock {
-                        clip: r,
-                        latents: x,
-                        stage_ms,
-                    })?;
+                    if topo.rank == topo.final_rank {
+                        on_final(FinalBlock {
+                            clip: r,
+                            latents: x,
+                            stage_ms,
+                        })?;
+                    }
                 }
             }
             done += 1;

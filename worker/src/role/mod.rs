@@ -24,6 +24,7 @@ use planner::ModelSpec;
 use planner::size::SizeArg;
 use runtime::comm::Comm;
 use runtime::models::wan::StreamGeometry;
+use runtime::parallel::{DitLayout, Groups};
 use runtime::{DType, Device, Shape, Tensor};
 
 use topology::Topology;
@@ -169,12 +170,16 @@ pub struct Generated {
 
 impl Loaded {
     /// The built-in tiny model's parts for this rank on `device`; checkpoints are refused
-    /// (not wired yet).
+    /// (not wired yet). When a stage is split over ranks, every rank (the VAE rank too) first
+    /// forms its tp / Ulysses / pp groups over `comm` (collective), and a DiT rank loads its
+    /// part of the layout.
     pub fn load(
         name: &str,
         ckpt_dir: &str,
         (dit, vae): (bool, bool),
         device: Device,
+        comm: Option<&dyn Comm>,
+        topo: &Topology,
     ) -> Result<Self, crate::compute::Failure> {
         if !ckpt_dir.is_empty() || name != "tiny" {
             return Err((
@@ -186,11 +191,22 @@ impl Loaded {
             ));
         }
         let spec = ModelSpec::builtin("tiny").map_err(internal)?;
+        let layout = if topo.split_stages() {
+            let comm = comm.ok_or_else(|| internal("a split stage needs a communicator"))?;
+            let groups = Groups::split_dit(comm, &topo.mesh).map_err(|e| classify(e.into()))?;
+            match groups {
+                Some(g) => DitLayout::new(&g, &topo.mesh, spec.dit.num_layers as usize, topo.fsdp)
+                    .map_err(load_failure)?,
+                None => DitLayout::single(),
+            }
+        } else {
+            DitLayout::single()
+        };
         let _w = runtime::memory::scope(runtime::memory::Category::Weights);
         Ok(Loaded {
             dit: if dit {
                 Some(Box::new(
-                    tiny::dit_on(&spec, TINY_WEIGHT_SEED, device).map_err(load_failure)?,
+                    tiny::dit_on(&spec, TINY_WEIGHT_SEED, device, &layout).map_err(load_failure)?,
                 ))
             } else {
                 None
@@ -476,7 +492,8 @@ mod tests {
                     };
                     let topo = Topology::new(&layout, rank).unwrap();
                     let parts = (topo.stage.is_some(), topo.decodes());
-                    let m = Loaded::load("tiny", "", parts, Device::Cpu).unwrap();
+                    let m =
+                        Loaded::load("tiny", "", parts, Device::Cpu, Some(&comm), &topo).unwrap();
                     let (tx, mut rx) = tokio::sync::mpsc::channel(1000);
                     let g = m.generate(&comm, &topo, &job, Some(tx)).unwrap();
                     let mut chunks = 0;

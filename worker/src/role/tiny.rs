@@ -15,6 +15,7 @@ use runtime::models::VarBuilder;
 use runtime::models::vae::{VaeConfig, WanVae};
 use runtime::models::vars::{TensorSource, VarsRoot};
 use runtime::models::wan::{CausalWanModelS2V, WanConfig};
+use runtime::parallel::DitLayout;
 use runtime::sampling::NoiseGenerator;
 use runtime::weights::{CheckpointErrorKind, RandomWeights};
 use runtime::{DType, Device, Tensor};
@@ -25,16 +26,24 @@ const SAMPLES_PER_FRAME: usize = 16_000 / 25;
 /// The tiny DiT in f32 on the CPU from random weights seeded by `seed`.
 #[cfg(test)]
 pub fn dit(spec: &ModelSpec, seed: u64) -> Result<CausalWanModelS2V> {
-    dit_on(spec, seed, Device::Cpu)
+    dit_on(spec, seed, Device::Cpu, &DitLayout::single())
 }
 
-/// The tiny DiT in f32 on `device` from random weights seeded by `seed`.
-pub fn dit_on(spec: &ModelSpec, seed: u64, device: Device) -> Result<CausalWanModelS2V> {
+/// This rank's part (`layout`: tp / Ulysses / pp / FSDP) of the tiny DiT in f32 on `device`,
+/// from random weights seeded by `seed` (every rank draws the same full tensors and keeps its
+/// shard).
+pub fn dit_on(
+    spec: &ModelSpec,
+    seed: u64,
+    device: Device,
+    layout: &DitLayout,
+) -> Result<CausalWanModelS2V> {
     let cfg = WanConfig::from(spec);
     let rw = RandomWeights::new(seed, cfg.expected_tensors());
-    Ok(CausalWanModelS2V::load(
+    Ok(CausalWanModelS2V::load_rank(
         &cfg,
         &VarBuilder::random(&rw, DType::F32, device),
+        layout,
     )?)
 }
 
