@@ -103,8 +103,9 @@ fn vae_on(spec: &planner::ModelSpec, seed: u64, dtype: DType, dev: Device) -> Re
     Ok(WanVae::load(&VarsRoot::new(&src, dtype, dev), cfg)?)
 }
 
-fn send(comm: &dyn Comm, t: &Tensor, peer: usize) -> Result<()> {
-    comm.send(t, peer)
+/// Sends `t` as `dtype` (the receiver asks for that dtype; a no-op copy-wise when it already is).
+fn send(comm: &dyn Comm, t: &Tensor, dtype: DType, peer: usize) -> Result<()> {
+    comm.send(&t.to_dtype(dtype)?, peer)
         .with_context(|| format!("sending {:?} to rank {peer}", t.dims()))
 }
 
@@ -235,7 +236,7 @@ pub fn run(a: &Args, rank: usize, boot: &str) -> Result<()> {
                     let sink = first.take().context("clip 0 produced no latent")?;
                     if let (true, Some(w)) = (decodes, &world) {
                         for peer in 0..final_rank {
-                            send(w.as_ref(), &sink, peer)?;
+                            send(w.as_ref(), &sink, dtype, peer)?;
                         }
                     }
                     sink
@@ -272,7 +273,7 @@ pub fn run(a: &Args, rank: usize, boot: &str) -> Result<()> {
             block_ms.push(t.elapsed().as_secs_f64() * 1e3);
             if !last_stage {
                 let w = world.as_ref().context("a non-last stage without a world")?;
-                send(w.as_ref(), &x, rank + a.tp)?;
+                send(w.as_ref(), &x, dtype, rank + a.tp)?;
                 continue;
             }
             if (r, b) == (0, 0) && a.clips > 1 {
