@@ -250,7 +250,13 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
                 let dev = runtime_device(device);
                 let outcome = crate::role::Loaded::load(&name, &ckpt_dir, parts, dev, c, &topology)
                     .map(|m| {
-                        let bytes = m.weight_bytes();
+                        // What this rank's tracker holds as weights (its shards); the spec's
+                        // count if nothing was tracked.
+                        let live = tracker.stats().get(runtime::memory::Category::Weights).live;
+                        let bytes = match u64::try_from(live) {
+                            Ok(b) if b > 0 => b,
+                            _ => m.weight_bytes(),
+                        };
                         model = Some(m);
                         (bytes, peak(&tracker))
                     });
