@@ -348,8 +348,9 @@ pub fn run(a: &Args, rank: usize, boot: &str) -> Result<()> {
     ];
     if decodes {
         let gaps: Vec<f64> = done_s.windows(2).map(|w| (w[1] - w[0]) * 1e3).collect();
-        // Intervals ending in a steady-state block.
-        let steady_gaps = gaps.get(skip.saturating_sub(1)..).unwrap_or(&[]);
+        // Intervals between steady-state blocks (the one into the first of them also holds
+        // the clip-1 re-prefill).
+        let steady_gaps = gaps.get(skip..).unwrap_or(&[]);
         let interval = median(steady_gaps).or_else(|| median(&gaps));
         let first_frame = done_s.first().copied().unwrap_or(f64::NAN);
         let fps_all = frames_out as f64 / total_s;
