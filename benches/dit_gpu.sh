@@ -10,7 +10,7 @@
 #      DIT_REF=reuse compares with BIN/torch_out.f32 and BIN/torch.txt of an earlier run instead);
 #   5. benches/dit_compare.py (ms, TFLOP/s, speed-up, rel L2, memory vs plan).
 # BIN holds dit-bench, plan.json (`lava plan --gpus H200 --size '704*384' --num_gpus_dit 1
-# --json`) and the test executables.
+# --json`) and the test executables, each possibly gzipped (NAME.gz, unpacked to a temp folder).
 #   usage: benches/dit_gpu.sh BIN OUT
 set -u
 BIN=${1:?binary folder}
@@ -23,6 +23,13 @@ ln -sf "$(ls "$site"/nvidia/nccl/lib/libnccl.so.2)" "$shim/libnccl.so"
 ln -sf "$(ls "$site"/nvidia/cu*/lib/libcublas.so.* "$site"/nvidia/cublas/lib/libcublas.so.* 2>/dev/null | head -1)" "$shim/libcublas.so"
 export LD_LIBRARY_PATH=$shim:$(ls -d "$site"/nvidia/*/lib | tr '\n' :)${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0
+unpack=$(mktemp -d)
+for f in "$BIN"/*.gz; do
+  [ -e "$f" ] || continue
+  n=$(basename "${f%.gz}")
+  gunzip -c "$f" > "$unpack/$n" && chmod +x "$unpack/$n"
+done
+exe() { if [ -x "$unpack/$1" ]; then echo "$unpack/$1"; else echo "$BIN/$1"; fi; }
 declare -A rc
 step() { # name, command...: run with a log, remember the exit status
   local name=$1; shift
@@ -41,10 +48,10 @@ step() { # name, command...: run with a log, remember the exit status
 cat "$OUT/env.txt"
 
 for t in ops_fused ops_layout ops; do
-  [ -x "$BIN/$t" ] && step "test_$t" "$BIN/$t" --test-threads 1 cuda
+  [ -x "$(exe $t)" ] && step "test_$t" "$(exe $t)" --test-threads 1 cuda
 done
-step profile env LAVA_PROFILE=1 "$BIN/dit-bench" --seed 0 --warmup 1 --iters 3
-step bench "$BIN/dit-bench" --seed 0 --warmup 3 --iters 10 --dump "$OUT/lava_out.f32"
+step profile env LAVA_PROFILE=1 "$(exe dit-bench)" --seed 0 --warmup 1 --iters 3
+step bench "$(exe dit-bench)" --seed 0 --warmup 3 --iters 10 --dump "$OUT/lava_out.f32"
 if [ "${DIT_REF:-run}" = reuse ]; then
   cp "$BIN/torch.txt" "$OUT/torch.txt"; cp "$BIN/torch_out.f32" "$OUT/torch_out.f32"
   rc[torch]=reused
