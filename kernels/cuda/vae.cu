@@ -11,33 +11,47 @@
 
 struct NormSiluArgs {
     int64_t batch, channels, frames, spatial;
-    int64_t tail;  // 0: no tail output
-    int32_t x_dtype, out_dtype, w_dtype;
+    int64_t tail;    // 0: no tail output
+    int64_t prefix;  // frames of `pre` copied (rounded to out's dtype) in front of the output
+    int32_t x_dtype, out_dtype, w_dtype, pre_dtype;
     float eps, scale;
 };
 
-extern "C" __global__ void lava_channel_norm_silu(NormSiluArgs a, const void* x, const void* w, void* out,
-                                                  float* tail) {
-    const int64_t plane = a.frames * a.spatial;  // (t, s) positions per image
-    const int64_t total = a.batch * plane;
+// out [N, C, prefix + frames, S]: out[:, :, :prefix] = pre, out[:, :, prefix:] = the norm → SiLU
+// of x [N, C, frames, S] (a causal conv's input with its cached frames in front, in one pass).
+extern "C" __global__ void lava_channel_norm_silu(NormSiluArgs a, const void* x, const void* w, const void* pre,
+                                                  void* out, float* tail) {
+    const int64_t of = a.prefix + a.frames;
+    const int64_t oplane = of * a.spatial;  // (frame, s) positions per output image
+    const int64_t total = a.batch * oplane;
     const int64_t t0 = a.frames - a.tail;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
          i += (int64_t)gridDim.x * blockDim.x) {
-        int64_t n = i / plane, p = i - n * plane;
-        int64_t base = n * a.channels * plane + p;
+        int64_t n = i / oplane, q = i - n * oplane;
+        int64_t f = q / a.spatial, s = q - f * a.spatial;
+        int64_t obase = n * a.channels * oplane + q;
+        if (f < a.prefix) {
+            int64_t pplane = a.prefix * a.spatial;
+            int64_t pbase = n * a.channels * pplane + f * a.spatial + s;
+            for (int64_t c = 0; c < a.channels; ++c)
+                store_any(out, a.out_dtype, obase + c * oplane, load_any(pre, a.pre_dtype, pbase + c * pplane));
+            continue;
+        }
+        int64_t t = f - a.prefix;
+        int64_t plane = a.frames * a.spatial;
+        int64_t base = n * a.channels * plane + t * a.spatial + s;
         float ss = 0.f;
         for (int64_t c = 0; c < a.channels; ++c) {
             float v = load_any(x, a.x_dtype, base + c * plane);
             ss += v * v;
         }
         float inv = a.scale / fmaxf(sqrtf(ss), a.eps);
-        int64_t t = p / a.spatial, s = p - t * a.spatial;
         bool in_tail = tail != nullptr && t >= t0;
         int64_t tbase = (n * a.channels * a.tail + (t - t0)) * a.spatial + s;
         for (int64_t c = 0; c < a.channels; ++c) {
             float y = load_any(x, a.x_dtype, base + c * plane) * inv * load_any(w, a.w_dtype, c);
             y = silu_f(y);
-            store_any(out, a.out_dtype, base + c * plane, y);
+            store_any(out, a.out_dtype, obase + c * oplane, y);
             if (in_tail) tail[tbase + c * a.tail * a.spatial] = y;
         }
     }

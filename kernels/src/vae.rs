@@ -13,9 +13,11 @@ struct NormSiluArgs {
     frames: i64,
     spatial: i64,
     tail: i64,
+    prefix: i64,
     x_dtype: i32,
     out_dtype: i32,
     w_dtype: i32,
+    pre_dtype: i32,
     eps: f32,
     scale: f32,
 }
@@ -23,16 +25,18 @@ struct NormSiluArgs {
 unsafe impl DeviceRepr for NormSiluArgs {}
 
 impl Kernels {
-    /// x `[batch, c, frames, spatial]` contiguous: `out = SiLU(x / max(‖x‖₂ over c, eps) ·
-    /// scale · gamma[c])` computed in f32, one rounding to out's dtype; with `tail`
-    /// `(buffer, k)`, the last `k` frames of the f32 result are also written to the f32
-    /// `[batch, c, k, spatial]` buffer.
+    /// x `[batch, c, frames, spatial]` contiguous: `SiLU(x / max(‖x‖₂ over c, eps) · scale ·
+    /// gamma[c])` computed in f32, one rounding to out's dtype, written after the `p` frames
+    /// of `prefix` `(pre [batch, c, p, spatial], p)` (copied, rounded to out's dtype):
+    /// out `[batch, c, p + frames, spatial]`. With `tail` `(buffer, k)`, the last `k` frames
+    /// of the f32 result are also written to the f32 `[batch, c, k, spatial]` buffer.
     #[allow(clippy::too_many_arguments)]
     pub fn channel_norm_silu(
         &self,
         s: &CudaStream,
         x: In<'_>,
         gamma: In<'_>,
+        prefix: Option<(In<'_>, usize)>,
         out: Out<'_>,
         tail: Option<(Out<'_>, usize)>,
         batch: usize,
@@ -43,8 +47,13 @@ impl Kernels {
         scale: f32,
     ) -> Result<()> {
         let n = batch * c * frames * spatial;
+        let p = prefix.as_ref().map_or(0, |x| x.1);
         check_len("channel_norm_silu", "x", n, x.dtype, x.buf.len())?;
-        check_len("channel_norm_silu", "out", n, out.dtype, out.buf.len())?;
+        let n_out = batch * c * (p + frames) * spatial;
+        check_len("channel_norm_silu", "out", n_out, out.dtype, out.buf.len())?;
+        if let Some((pre, p)) = &prefix {
+            check_len("channel_norm_silu", "prefix", batch * c * p * spatial, pre.dtype, pre.buf.len())?;
+        }
         check_len(
             "channel_norm_silu",
             "gamma",
@@ -71,7 +80,7 @@ impl Kernels {
                 t.buf.len(),
             )?;
         }
-        if n == 0 {
+        if n_out == 0 {
             return Ok(());
         }
         let a = NormSiluArgs {
@@ -80,14 +89,23 @@ impl Kernels {
             frames: frames as i64,
             spatial: spatial as i64,
             tail: k as i64,
+            prefix: p as i64,
             x_dtype: x.dtype.code(),
             out_dtype: out.dtype.code(),
             w_dtype: gamma.dtype.code(),
+            pre_dtype: prefix.as_ref().map_or(0, |x| x.0.dtype.code()),
             eps,
             scale,
         };
         let (xp, _gx) = rptr(x.buf, s);
         let (wp, _gw) = rptr(gamma.buf, s);
+        let (pp, _gp) = match &prefix {
+            Some((pre, _)) => {
+                let (ptr, g) = rptr(pre.buf, s);
+                (ptr, Some(g))
+            }
+            None => (0, None),
+        };
         let (op_, _go) = wptr(out.buf, s);
         let (tp, _gt) = match tail {
             Some((t, _)) => {
@@ -98,9 +116,9 @@ impl Kernels {
         };
         let f = self.func("lava_channel_norm_silu")?;
         let mut l = s.launch_builder(f);
-        l.arg(&a).arg(&xp).arg(&wp).arg(&op_).arg(&tp);
+        l.arg(&a).arg(&xp).arg(&wp).arg(&pp).arg(&op_).arg(&tp);
         // SAFETY: arguments match lava_channel_norm_silu; lengths checked.
-        unsafe { l.launch(self.grid(batch * frames * spatial)) }
+        unsafe { l.launch(self.grid(batch * (p + frames) * spatial)) }
             .w("launch lava_channel_norm_silu")?;
         Ok(())
     }

@@ -95,22 +95,31 @@ fn vae_conv3d_matches_cpu() -> Result<()> {
 fn channel_norm_silu_matches_cpu() -> Result<()> {
     set_poison_outputs(true);
     let mut rng = Rng::new(502);
-    // (x dims, x dtype, out dtype, tail frames)
-    let cases: &[([usize; 5], DType, DType, usize)] = &[
-        ([1, 24, 4, 10, 14], DType::BF16, DType::BF16, 2),
-        ([1, 24, 1, 10, 14], DType::BF16, DType::BF16, 2),
-        ([2, 16, 3, 5, 7], DType::F32, DType::F32, 2),
-        ([1, 96, 2, 4, 33], DType::F32, DType::BF16, 0),
+    // (x dims, x dtype, out dtype, prefix frames (f32), tail frames)
+    let cases: &[([usize; 5], DType, DType, usize, usize)] = &[
+        ([1, 24, 4, 10, 14], DType::BF16, DType::BF16, 2, 2),
+        ([1, 24, 1, 10, 14], DType::BF16, DType::BF16, 1, 2),
+        ([1, 24, 1, 10, 14], DType::BF16, DType::BF16, 0, 2),
+        ([2, 16, 3, 5, 7], DType::F32, DType::F32, 2, 2),
+        ([1, 96, 2, 4, 33], DType::F32, DType::BF16, 0, 0),
     ];
-    for &(xd, xdt, out, tail) in cases {
+    for &(xd, xdt, out, p, tail) in cases {
         let (xc, xg) = both(&mut rng, &xd, 1.0, xdt)?;
         let (gc, gg) = both(&mut rng, &[xd[1]], 0.5, DType::F32)?;
-        let (want, want_tail) = xc.channel_norm_silu(&gc, tail, out)?;
-        let (got, got_tail) = xg.channel_norm_silu(&gg, tail, out)?;
-        // The unfused ops give the same values (f32 norm, f32 SiLU, one rounding).
-        let unfused = xc
+        let pre = (p > 0)
+            .then(|| both(&mut rng, &[xd[0], xd[1], p, xd[3], xd[4]], 1.0, DType::F32))
+            .transpose()?;
+        let (want, want_tail) = xc.channel_norm_silu(&gc, pre.as_ref().map(|x| &x.0), tail, out)?;
+        let (got, got_tail) = xg.channel_norm_silu(&gg, pre.as_ref().map(|x| &x.1), tail, out)?;
+        // The unfused ops give the same values: cat(prefix rounded, f32 norm → f32 SiLU →
+        // one rounding).
+        let normed = xc
             .channel_rms_norm(&gc, None, DType::F32)?
             .unary_to(runtime::device::UnaryOp::Silu, out)?;
+        let unfused = match &pre {
+            Some((pc, _)) => Tensor::cat(&[&pc.to_dtype(out)?, &normed], 2)?,
+            None => normed,
+        };
         let tol = if out == DType::F32 {
             1e-5
         } else {
@@ -123,7 +132,7 @@ fn channel_norm_silu_matches_cpu() -> Result<()> {
             1e-6,
         )?;
         assert_close(
-            &format!("channel_norm_silu {xd:?} {xdt:?} -> {out:?}"),
+            &format!("channel_norm_silu {xd:?} {xdt:?} -> {out:?} prefix {p}"),
             &got,
             &want.to_vec_f32()?,
             tol,

@@ -331,6 +331,7 @@ impl BackendStorage for CpuStorage {
     fn channel_norm_silu(
         &self,
         gamma: &Self,
+        prefix: Option<(&Self, usize)>,
         n: usize,
         c: usize,
         t: usize,
@@ -341,11 +342,24 @@ impl BackendStorage for CpuStorage {
         use rayon::prelude::*;
         let mut v = norm::channel_rms_norm(&self.f32s(), &gamma.f32s(), None, n, c, t * s);
         v.par_iter_mut().for_each(|x| *x = elementwise::silu(*x));
+        let row = (t * s).max(1);
         let tail = (tail > 0).then(|| {
             let k = tail.min(t);
-            let rows = v.chunks((t * s).max(1)).flat_map(|row| &row[(t - k) * s..]);
+            let rows = v.chunks(row).flat_map(|r| &r[(t - k) * s..]);
             CpuStorage::F32(rows.copied().collect())
         });
+        let v = match prefix {
+            Some((pre, p)) if p > 0 => {
+                // Per (n, c) row: the prefix frames, then this row.
+                let pv = pre.f32s();
+                pv.chunks(p * s.max(1))
+                    .zip(v.chunks(row))
+                    .flat_map(|(a, b)| a.iter().chain(b))
+                    .copied()
+                    .collect()
+            }
+            _ => v,
+        };
         Ok((Self::from_f32_vec(v, out), tail))
     }
     fn rope_interleaved(

@@ -253,6 +253,12 @@ pub(crate) fn kd(d: DType) -> kernels::DType {
     }
 }
 
+/// A buffer of `elems` elements on `device` that the caller overwrites completely: not
+/// zeroed (NaN-filled when output poisoning is on).
+pub(crate) fn uninit(device: &Device, elems: usize, dtype: DType) -> Result<CudaStorage> {
+    dev(ordinal_of(device)?)?.alloc(elems, dtype)
+}
+
 /// The bytes of one tensor on one GPU.
 #[derive(Debug)]
 pub struct CudaStorage {
@@ -797,6 +803,7 @@ impl BackendStorage for CudaStorage {
     fn channel_norm_silu(
         &self,
         gamma: &Self,
+        prefix: Option<(&Self, usize)>,
         n: usize,
         c: usize,
         t: usize,
@@ -805,7 +812,8 @@ impl BackendStorage for CudaStorage {
         out_dtype: DType,
     ) -> Result<(Self, Option<Self>)> {
         let _p = self.dev.span(|| format!("norm_silu {c}x{t}x{s} {}", self.dtype.as_str()));
-        let mut out = self.new_like(n * c * t * s, out_dtype)?;
+        let p = prefix.map_or(0, |x| x.1);
+        let mut out = self.new_like(n * c * (p + t) * s, out_dtype)?;
         let k = tail.min(t);
         let mut cache = if tail > 0 {
             Some(self.new_like(n * c * k * s, DType::F32)?)
@@ -817,6 +825,7 @@ impl BackendStorage for CudaStorage {
                 self.s(),
                 self.input(),
                 gamma.input(),
+                prefix.map(|(x, p)| (x.input(), p)),
                 out.output(),
                 cache.as_mut().map(|x| (x.output(), k)),
                 n,

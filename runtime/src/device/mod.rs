@@ -392,12 +392,15 @@ pub trait BackendStorage: Sized + std::fmt::Debug + Send + Sync {
         out: DType,
     ) -> Result<Self>;
     /// x `[n, c, t, s]`: `SiLU(channel_rms_norm(x, gamma))` (no bias) in f32, rounded once to
-    /// `out`; with `tail > 0` also the last `tail` frames of that f32 value as a separate f32
-    /// `[n, c, tail, s]` (the causal cache of the VAE convolution the output feeds).
+    /// `out`, after the `p` frames of `prefix` `[n, c, p, s]` (rounded to `out`): the result is
+    /// `[n, c, p + t, s]`. With `tail > 0` also the last `tail` frames of the f32 norm → SiLU
+    /// value as a separate f32 `[n, c, tail, s]` (the causal cache of the VAE convolution the
+    /// output feeds; `prefix` is that conv's previous cache).
     #[allow(clippy::too_many_arguments)]
     fn channel_norm_silu(
         &self,
         gamma: &Self,
+        prefix: Option<(&Self, usize)>,
         n: usize,
         c: usize,
         t: usize,

@@ -21,6 +21,10 @@ pub fn synchronize(_ordinal: usize) -> Result<()> {
     Err(Error::CudaNotCompiled)
 }
 
+pub(crate) fn uninit(_: &Device, _: usize, _: DType) -> Result<CudaStorage> {
+    Err(Error::CudaNotCompiled)
+}
+
 impl BackendStorage for CudaStorage {
     fn device(&self) -> Device {
         match *self {}
@@ -120,6 +124,7 @@ impl BackendStorage for CudaStorage {
     fn channel_norm_silu(
         &self,
         _: &Self,
+        _: Option<(&Self, usize)>,
         _: usize,
         _: usize,
         _: usize,

@@ -140,9 +140,17 @@ impl Tensor {
         Ok(Self::wrap(storage, shape, alloc, 1.0))
     }
 
-    /// A buffer the caller will overwrite completely: zeros, or NaN while
-    /// [`crate::device::set_poison_outputs`] is on.
+    /// A buffer the caller will overwrite completely: zeros on the CPU, not initialised on a
+    /// GPU, NaN on both while [`crate::device::set_poison_outputs`] is on.
     pub(crate) fn uninit(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Self> {
+        if device.is_cuda() {
+            // No memset on the GPU: the backend poisons new buffers itself when asked to.
+            let shape = shape.into();
+            let n = shape.elem_count();
+            let alloc = track(device, dtype, n)?;
+            let st = Storage::Cuda(crate::device::cuda::uninit(device, n, dtype)?);
+            return Ok(Self::wrap(st, shape, alloc, 1.0));
+        }
         let t = Self::zeros(shape, dtype, device)?;
         if crate::device::poison_outputs() {
             t.poison()?;

@@ -113,6 +113,11 @@ impl CausalConv3d {
             }
             _ => (x, self.tpad),
         };
+        self.conv_padded(&x, tpad, act)
+    }
+
+    /// The conv on `x` already holding any past frames, with `tpad` zero frames in front.
+    fn conv_padded(&self, x: &Tensor, tpad: usize, act: DType) -> Result<Tensor> {
         let o = Conv3dOpts {
             stride: self.stride,
             pad: [
@@ -126,30 +131,18 @@ impl CausalConv3d {
 
     /// A cached forward: uses and then advances this conv's slot.
     pub fn forward_cached(&self, x: &Tensor, caches: &mut Caches, act: DType) -> Result<Tensor> {
-        self.forward_cached_tail(x, x, caches, act)
-    }
-
-    /// As [`Self::forward_cached`], with the frames to cache given apart: `tail` holds the
-    /// last frames of the conv's input as the reference keeps them (f32 after norm/SiLU)
-    /// while `x` may already be rounded to `act` (see [`RmsNorm::norm_silu`]).
-    pub fn forward_cached_tail(
-        &self,
-        x: &Tensor,
-        tail: &Tensor,
-        caches: &mut Caches,
-        act: DType,
-    ) -> Result<Tensor> {
         let old = caches.take();
         let y = match &old {
             Slot::Frames(c) => self.forward(x, Some(c), act)?,
             _ => self.forward(x, None, act)?,
         };
-        caches.put(Slot::Frames(next_cache(tail, &old)?));
+        caches.put(Slot::Frames(next_cache(x, &old)?));
         Ok(y)
     }
 
-    /// norm → SiLU → this conv with its cache, the norm and SiLU fused into one pass that
-    /// writes the conv's input in `act` and the f32 frames to cache.
+    /// norm → SiLU → this conv with its cache, in one pass before the conv: the fused norm
+    /// writes the conv's input in `act` behind the cached frames (no concatenation) and hands
+    /// back the f32 frames to cache, as the reference keeps them.
     pub fn forward_normed(
         &self,
         norm: &RmsNorm,
@@ -157,9 +150,17 @@ impl CausalConv3d {
         caches: &mut Caches,
         act: DType,
     ) -> Result<Tensor> {
-        let (y, tail) = norm.norm_silu(x, CACHE_T, act)?;
+        let old = caches.take();
+        let prefix = match &old {
+            Slot::Frames(c) if self.tpad > 0 => Some(c),
+            _ => None,
+        };
+        let (y, tail) = norm.norm_silu(x, prefix, CACHE_T, act)?;
         let tail = tail.ok_or_else(|| Error::invalid("vae conv", "input without frames"))?;
-        self.forward_cached_tail(&y, &tail, caches, act)
+        let n = prefix.map_or(Ok(0), |c| c.dim(2))?;
+        let y = self.conv_padded(&y, self.tpad.saturating_sub(n), act)?;
+        caches.put(Slot::Frames(next_cache(&tail, &old)?));
+        Ok(y)
     }
 }
 
@@ -215,15 +216,17 @@ impl RmsNorm {
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         self.forward(x)?.unary_to(UnaryOp::Silu, DType::F32)
     }
-    /// norm then SiLU in f32 in one pass, rounded once to `out`, plus the last `tail` frames
-    /// of the f32 value (what a following cached conv keeps).
+    /// norm then SiLU in f32 in one pass, rounded once to `out`, behind the frames of
+    /// `prefix`, plus the last `tail` frames of the f32 value (what a following cached conv
+    /// keeps); see [`Tensor::channel_norm_silu`].
     pub fn norm_silu(
         &self,
         x: &Tensor,
+        prefix: Option<&Tensor>,
         tail: usize,
         out: DType,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        x.channel_norm_silu(&self.gamma, tail, out)
+        x.channel_norm_silu(&self.gamma, prefix, tail, out)
     }
 }
 
