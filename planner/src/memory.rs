@@ -381,15 +381,33 @@ pub fn vae_decoder_cache(spec: &ModelSpec, height: u64, width: u64) -> (u64, u64
         })
 }
 
-/// Live bytes of the decoder's largest stage for one latent: residual bf16, norm and SiLU
-/// outputs fp32, the conv input with its 2 cached frames in bf16, the conv output bf16.
+/// Live bytes of the decoder's largest stage for one latent, as the runtime decodes it (norm and
+/// SiLU fused into one pass that writes the conv input in bf16 behind the cached frames and
+/// hands back the f32 frames to cache; `Resample` convs are plain per-frame 2-D convs):
+/// - a conv after norm+SiLU (residual blocks, head), worst at a residual block's second conv:
+///   the block input, the first conv's output (kept for the residual add), the conv input with
+///   its cached frames (bf16), the new f32 cache frames and the old ones until replaced, the
+///   conv output;
+/// - an upsampling conv: its input before the nearest ×2, the upsampled input, the output;
+/// - conv1, the time conv and 1×1 convs: input with its cached frames, output.
+///
+/// The earlier term charged every conv, the upsampling convs included, with f32 norm and SiLU
+/// outputs; the upsampling conv at full resolution (192 channels) then came out 2.3× the real
+/// peak (3.15 GB vs ≈ 1.39 GB at 704×384, measured 1.43 GB on an H200: docs/benchmarks.md).
 pub fn vae_decode_workspace(spec: &ModelSpec, height: u64, width: u64) -> u64 {
     let peak_stage = vae_decoder_convs(spec, height, width)
         .iter()
         .map(|c| {
             let t = c.frames_per_latent;
-            let elems = c.cin.max(c.cout) * c.h * c.w;
-            elems * (t * (BF16 + F32 + F32 + BF16) + (t + 2) * BF16)
+            let (ein, eout) = (c.cin * c.h * c.w, c.cout * c.h * c.w);
+            if c.cache_elem_bytes == F32 {
+                let e = ein.max(eout);
+                e * (3 * t * BF16 + (t + c.cache_frames) * BF16 + 2 * c.cache_frames * F32)
+            } else if c.kernel == 9 {
+                t * (ein / 4 + ein + eout) * BF16
+            } else {
+                ((t + c.cache_frames) * ein + t * eout) * BF16
+            }
         })
         .max()
         .unwrap_or(0);
