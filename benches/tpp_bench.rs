@@ -18,6 +18,7 @@
 //!          [--size W*H] [--clips N] [--seed N] [--no-vae] [--gpu H200] [--out DIR]
 //!          [--timeout S]
 //!          tpp-bench compare REFERENCE.f32 OTHER.f32 [--blocks N] [--tol X]
+//!          tpp-bench plan --layout … (the planner's per-rank prediction only)
 
 #[path = "tpp_plan.rs"]
 mod tpp_plan;
@@ -134,6 +135,9 @@ fn main() -> Result<()> {
     if raw.first().map(String::as_str) == Some("compare") {
         return tpp_plan::compare(&raw[1..]);
     }
+    if raw.first().map(String::as_str) == Some("plan") {
+        return plan_only(&args(&raw[1..])?);
+    }
     let a = args(&raw)?;
     match std::env::var(ENV_RANK) {
         Ok(r) => {
@@ -143,6 +147,27 @@ fn main() -> Result<()> {
         }
         Err(_) => parent(&a, &raw),
     }
+}
+
+/// `plan --layout …`: the planner's prediction for every rank of the layout, nothing run.
+fn plan_only(a: &Args) -> Result<()> {
+    let spec = planner::ModelSpec::builtin(&a.model)?;
+    for r in 0..a.world() {
+        let p = tpp_plan::predict(&spec, &a.gpu, &a.size, a.stages, a.tp, a.clips, a.vae, r)?;
+        let cats: Vec<String> = p
+            .per_category
+            .iter()
+            .map(|(c, b)| format!("{c:?} {b}"))
+            .collect();
+        println!(
+            "PLAN layout {} rank {r}: peak {} B ({:.2} GiB); {}",
+            a.layout,
+            p.peak,
+            tpp_plan::gib(p.peak),
+            cats.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Bootstrap string every rank gets: the NCCL id in hex, or rank 0's socket address.
