@@ -220,7 +220,112 @@ fn elem_args(
     Ok(a)
 }
 
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct RowwiseArgs {
+    rows: i64,
+    n: i64,
+    per_group: i64,
+    dtype: [i32; 4],
+    grouped: [i32; 3],
+    nin: i32,
+    op: i32,
+    pad: i32,
+}
+// SAFETY: plain-old-data matching `RowwiseArgs` in elementwise.cu.
+unsafe impl DeviceRepr for RowwiseArgs {}
+
+/// Whether the row fast path may run (`LAVA_ROWWISE=0` turns it off).
+fn rowwise_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LAVA_ROWWISE").map_or(true, |v| v != "0"))
+}
+
+/// The row layout of a coalesced binary/ternary launch, if it has one: every input full
+/// (`[rows, n]` contiguous) or one row per group of rows, out full, no offsets, `n % 4 == 0`.
+fn rowwise_args(a: &ElemArgs, nin: usize, offsets: &[usize]) -> Option<RowwiseArgs> {
+    if !rowwise_enabled() || offsets.iter().any(|&o| o != 0) {
+        return None;
+    }
+    let nd = a.ndim as usize;
+    let shape = &a.shape[..nd];
+    let n = *shape.last()?;
+    if n % 4 != 0 || nd > 3 {
+        return None;
+    }
+    // (rows, per_group) and the full / grouped stride patterns of this rank.
+    let (rows, per_group, full, grouped): (i64, i64, Vec<i64>, Vec<i64>) = match nd {
+        1 => (1, 1, vec![1], vec![]),
+        2 => (shape[0], shape[0], vec![n, 1], vec![0, 1]),
+        3 => (
+            shape[0] * shape[1],
+            shape[1],
+            vec![shape[1] * n, n, 1],
+            vec![n, 0, 1],
+        ),
+        _ => return None,
+    };
+    let mut r = RowwiseArgs {
+        rows,
+        n,
+        per_group,
+        dtype: a.dtype,
+        nin: nin as i32,
+        ..Default::default()
+    };
+    if a.stride[3][..nd] != full[..] {
+        return None;
+    }
+    for k in 0..nin {
+        let st = &a.stride[k][..nd];
+        if st == &full[..] {
+            r.grouped[k] = 0;
+        } else if !grouped.is_empty() && st == &grouped[..] {
+            r.grouped[k] = 1;
+        } else {
+            return None;
+        }
+    }
+    Some(r)
+}
+
 impl Kernels {
+    /// The row fast path of `binary` / `ternary` (`lava_rowwise`); false when the layout
+    /// does not fit it.
+    fn try_rowwise(
+        &self,
+        s: &CudaStream,
+        a: &ElemArgs,
+        op: i32,
+        ins: &[&Strided<'_>],
+        out: &mut StridedMut<'_>,
+    ) -> Result<bool> {
+        let mut offs: Vec<usize> = ins.iter().map(|i| i.offset).collect();
+        offs.push(out.offset);
+        let Some(mut r) = rowwise_args(a, ins.len(), &offs) else {
+            return Ok(false);
+        };
+        r.op = op;
+        let (xp, _gx) = rptr(ins[0].src.buf, s);
+        let (yp, _gy) = rptr(ins[1].src.buf, s);
+        let zp = match ins.get(2) {
+            Some(z) => rptr(z.src.buf, s).0,
+            None => 0,
+        };
+        let (op_, _go) = wptr(out.dst.buf, s);
+        // 16-byte vector accesses need 16-byte aligned bases.
+        if [xp, yp, zp, op_].iter().any(|p| p % 16 != 0) {
+            return Ok(false);
+        }
+        let f = self.func("lava_rowwise")?;
+        let mut b = s.launch_builder(f);
+        b.arg(&r).arg(&xp).arg(&yp).arg(&zp).arg(&op_);
+        // SAFETY: argument list matches lava_rowwise; every operand's span was checked by
+        // elem_args over the same index space.
+        unsafe { b.launch(self.grid((r.rows * r.n / 4) as usize)) }.w("launch lava_rowwise")?;
+        Ok(true)
+    }
+
     /// `out[i] = op(x[i])` over `dims`, rounded once to out's dtype.
     pub fn unary(
         &self,
@@ -262,6 +367,10 @@ impl Kernels {
         if a.numel == 0 {
             return Ok(());
         }
+        let mut out = out;
+        if self.try_rowwise(s, &a, op as i32, &[&x, &y], &mut out)? {
+            return Ok(());
+        }
         let (xp, _gx) = rptr(x.src.buf, s);
         let (yp, _gy) = rptr(y.src.buf, s);
         let (op_, _go) = wptr(out.dst.buf, s);
@@ -291,6 +400,10 @@ impl Kernels {
     ) -> Result<()> {
         let a = elem_args("ternary", dims, &[&x, &y, &z], &out)?;
         if a.numel == 0 {
+            return Ok(());
+        }
+        let mut out = out;
+        if self.try_rowwise(s, &a, op as i32, &[&x, &y, &z], &mut out)? {
             return Ok(());
         }
         let (xp, _gx) = rptr(x.src.buf, s);

@@ -129,6 +129,7 @@ const FUNCTIONS: &[(&str, &[&str])] = &[
             "lava_copy_raw",
             "lava_index_select",
             "lava_fill",
+            "lava_rowwise",
         ],
     ),
     (

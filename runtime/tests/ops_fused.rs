@@ -183,3 +183,53 @@ test_device!(
     prefix_attention_and_row_copy_cpu,
     prefix_attention_and_row_copy_cuda
 );
+
+/// Row layouts of binary / ternary ops (the CUDA backend's vectorised row path): full
+/// `[g, l, n]` operands and per-group `[g, 1, n]` ones, mixed dtypes, against the CPU.
+fn row_layout_elementwise(dev: &Device) -> Result<()> {
+    set_poison_outputs(true);
+    let mut rng = Rng::new(10);
+    for (g, l, n) in [(3, 5, 8), (1, 7, 64), (2, 3, 6)] {
+        let (x, _) = rng.randn((g, l, n), 1.0, DType::BF16, dev)?;
+        let (x32, _) = rng.randn((g, l, n), 1.0, DType::F32, dev)?;
+        let (y, _) = rng.randn((g, l, n), 1.0, DType::BF16, dev)?;
+        let (gate, _) = rng.randn((g, 1, n), 1.0, DType::F32, dev)?;
+        let (sh, _) = rng.randn((g, 1, n), 1.0, DType::BF16, dev)?;
+        let c = |t: &Tensor| cpu(t);
+        let cases: Vec<(&str, Tensor, Tensor)> = vec![
+            (
+                "gated bf16->f32",
+                x.gated_residual(&y, &gate, DType::F32)?,
+                c(&x).gated_residual(&c(&y), &c(&gate), DType::F32)?,
+            ),
+            (
+                "gated f32->bf16",
+                x32.gated_residual(&y, &gate, DType::BF16)?,
+                c(&x32).gated_residual(&c(&y), &c(&gate), DType::BF16)?,
+            ),
+            (
+                "modulate",
+                x.modulate(&gate, &sh, DType::BF16)?,
+                c(&x).modulate(&c(&gate), &c(&sh), DType::BF16)?,
+            ),
+            (
+                "add f32+bf16",
+                x32.binary_to(&y, BinaryOp::Add, DType::F32)?,
+                c(&x32).binary_to(&c(&y), BinaryOp::Add, DType::F32)?,
+            ),
+            ("mul group", x.mul(&sh)?, c(&x).mul(&c(&sh))?),
+            ("add group", x.add(&sh)?, c(&x).add(&c(&sh))?),
+        ];
+        for (what, got, want) in cases {
+            // Same f32 arithmetic with the same rounding on every device: exact.
+            assert_close(what, &got, &want.to_vec_f32()?, 0.0)?;
+        }
+    }
+    set_poison_outputs(false);
+    Ok(())
+}
+test_device!(
+    row_layout_elementwise,
+    row_layout_elementwise_cpu,
+    row_layout_elementwise_cuda
+);

@@ -224,6 +224,21 @@ impl SelfAttnKv for UlyssesKv<'_> {
         self.attn
             .forward_with(q, k, v, &self.seq, |q, k, v| inner.attend(layer, q, k, v))
     }
+
+    /// Without a sequence split, `inner`'s own projection path (its fused q/k norms).
+    fn attend_proj(
+        &mut self,
+        layer: usize,
+        attn: &crate::parallel::TpAttention,
+        a: &Tensor,
+    ) -> Result<Tensor> {
+        if self.attn.degree() == 1 && self.seq.world == 1 {
+            return self.inner.attend_proj(layer, attn, a);
+        }
+        let q = attn.query(a)?;
+        let (k, v) = attn.key_value(a)?;
+        self.attend(layer, &q, &k, &v)
+    }
 }
 
 impl std::fmt::Debug for UlyssesKv<'_> {
