@@ -37,9 +37,12 @@ pub struct GenerateArgs {
     /// Seed of the noise and reference positions.
     #[arg(long = "base_seed", alias = "base-seed", default_value_t = 420)]
     pub base_seed: u64,
-    /// Checkpoint folder; without it the built-in tiny model runs.
+    /// Checkpoint folder (Wan2.2-S2V layout); without it the built-in tiny model runs.
     #[arg(long = "ckpt_dir", alias = "ckpt-dir")]
     pub ckpt_dir: Option<PathBuf>,
+    /// The LiveAvatar LoRA (`liveavatar.safetensors`), merged at load; needs --ckpt_dir.
+    #[arg(long = "lora_path_dmd", alias = "lora-path-dmd")]
+    pub lora_path_dmd: Option<PathBuf>,
     /// Output MP4.
     #[arg(long = "save_file", alias = "save-file", default_value = "lava.mp4")]
     pub save_file: PathBuf,
@@ -61,13 +64,13 @@ fn bad(message: impl Into<String>) -> Error {
 
 /// Runs `lava generate`; the exit code is one of `proto::exit`.
 pub fn run(a: &GenerateArgs) -> ExitCode {
-    if a.ckpt_dir.is_some() {
-        eprintln!(
-            "lava generate: --ckpt_dir: checkpoints are not wired into lava generate yet; \
-             leave it out to run the built-in tiny model"
-        );
-        return ExitCode::from(exit::BAD_INPUT);
-    }
+    let model_ref = match model_ref(a) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("lava generate: {e}");
+            return ExitCode::from(exit::BAD_INPUT);
+        }
+    };
     let Some(image) = a.plan.image.clone() else {
         eprintln!("lava generate: --image is required");
         return ExitCode::from(exit::BAD_INPUT);
@@ -106,6 +109,7 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
         }
     };
     let setup = Setup {
+        model_ref,
         planned_peak: plan.ranks.iter().map(|r| r.peak_bytes).collect(),
         labels: plan.ranks.iter().map(|r| r.role_label.clone()).collect(),
         roles,
@@ -128,6 +132,8 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
 }
 
 struct Setup {
+    /// What every rank loads (the tiny model, or the checkpoint folder).
+    model_ref: pb::ModelRef,
     roles: Vec<pb::RankRole>,
     /// The plan's peak prediction and role label of every rank.
     planned_peak: Vec<u64>,
@@ -244,11 +250,7 @@ async fn coordinate(
             world_size: world as u32,
             role: Some(s.roles[rank].clone()),
             layout: layout.clone(),
-            model: Some(pb::ModelRef {
-                name: "tiny".into(),
-                dtype: "f32".into(),
-                ..Default::default()
-            }),
+            model: Some(s.model_ref.clone()),
             nccl_unique_id: nccl_id.clone(),
             comm_rendezvous_address: rendezvous.clone(),
         };
@@ -418,4 +420,60 @@ async fn write_frames(
     }
     mp4.finish().map_err(internal)?;
     Ok(())
+}
+
+/// The ModelRef sent to every rank, after the cheap checks of the checkpoint folder that need
+/// no model code (it exists, config.json and the index parse, the LoRA file exists); the
+/// workers validate names, shapes and the LoRA's fit.
+fn model_ref(a: &GenerateArgs) -> Result<pb::ModelRef, String> {
+    let Some(dir) = &a.ckpt_dir else {
+        if a.lora_path_dmd.is_some() {
+            return Err("--lora_path_dmd needs --ckpt_dir".into());
+        }
+        if a.plan.fp8 {
+            return Err("--fp8 needs --ckpt_dir (the built-in tiny model runs in f32)".into());
+        }
+        return Ok(pb::ModelRef {
+            name: "tiny".into(),
+            dtype: "f32".into(),
+            ..Default::default()
+        });
+    };
+    let dir = std::path::absolute(dir).map_err(|e| format!("--ckpt_dir {}: {e}", dir.display()))?;
+    if !dir.is_dir() {
+        return Err(format!("--ckpt_dir {} is not a folder", dir.display()));
+    }
+    for name in [
+        "config.json",
+        "diffusion_pytorch_model.safetensors.index.json",
+    ] {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("checkpoint file {}: {e}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("checkpoint file {}: {e}", path.display()))?;
+        if name.ends_with("index.json") && !json["weight_map"].is_object() {
+            return Err(format!(
+                "checkpoint file {}: no weight_map object",
+                path.display()
+            ));
+        }
+    }
+    let lora_path = match &a.lora_path_dmd {
+        Some(p) if !p.is_file() => {
+            return Err(format!("--lora_path_dmd {} is not a file", p.display()));
+        }
+        Some(p) => std::path::absolute(p)
+            .map_err(|e| format!("--lora_path_dmd {}: {e}", p.display()))?
+            .display()
+            .to_string(),
+        None => String::new(),
+    };
+    Ok(pb::ModelRef {
+        name: "tiny".into(),
+        ckpt_dir: dir.display().to_string(),
+        lora_path,
+        dtype: if a.plan.fp8 { "fp8" } else { "f32" }.into(),
+        ..Default::default()
+    })
 }

@@ -99,8 +99,8 @@ pub enum Command {
     Load {
         /// Model name from Init.
         name: String,
-        /// Checkpoint folder from Init (must be empty: checkpoints are not wired in yet).
-        ckpt_dir: String,
+        /// Checkpoint folder, LoRA and `--fp8` from Init; `None`: the built-in tiny model.
+        ckpt: Option<crate::role::ckpt::CkptRequest>,
         /// Which parts this rank holds: (DiT, VAE); both on a DiT rank hosting the VAE.
         parts: (bool, bool),
         /// The job's ranks, from Init's layout (split stages form their groups at load).
@@ -240,7 +240,7 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
             }
             Command::Load {
                 name,
-                ckpt_dir,
+                ckpt,
                 parts,
                 topology,
                 reply,
@@ -248,18 +248,20 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
                 tracker.reset_peak();
                 let c = comm.as_ref().map(|c| c.0.as_ref());
                 let dev = runtime_device(device);
-                let outcome = crate::role::Loaded::load(&name, &ckpt_dir, parts, dev, c, &topology)
-                    .map(|m| {
-                        // What this rank's tracker holds as weights (its shards); the spec's
-                        // count if nothing was tracked.
-                        let live = tracker.stats().get(runtime::memory::Category::Weights).live;
-                        let bytes = match u64::try_from(live) {
-                            Ok(b) if b > 0 => b,
-                            _ => m.weight_bytes(),
-                        };
-                        model = Some(m);
-                        (bytes, peak(&tracker))
-                    });
+                let outcome =
+                    crate::role::Loaded::load(&name, ckpt.as_ref(), parts, dev, c, &topology).map(
+                        |m| {
+                            // What this rank's tracker holds as weights (its shards); the spec's
+                            // count if nothing was tracked.
+                            let live = tracker.stats().get(runtime::memory::Category::Weights).live;
+                            let bytes = match u64::try_from(live) {
+                                Ok(b) if b > 0 => b,
+                                _ => m.weight_bytes(),
+                            };
+                            model = Some(m);
+                            (bytes, peak(&tracker))
+                        },
+                    );
                 let _ = reply.send(outcome);
             }
             Command::Generate {

@@ -354,7 +354,11 @@ impl pb::worker_server::Worker for WorkerService {
         .map_err(|e| s.err(ErrorKind::BadInput, e))?;
         let cmd = Command::Load {
             name: model.name,
-            ckpt_dir: model.ckpt_dir,
+            ckpt: (!model.ckpt_dir.is_empty()).then(|| crate::role::ckpt::CkptRequest {
+                dir: model.ckpt_dir.into(),
+                lora: (!model.lora_path.is_empty()).then(|| model.lora_path.into()),
+                fp8: model.dtype == "fp8",
+            }),
             parts,
             topology,
             reply,

@@ -12,6 +12,7 @@
 //! Every rank preprocesses the image and audio itself (cheap, deterministic), so only the VAE
 //! latents, the denoised blocks and the clip-1 sink travel.
 
+pub mod ckpt;
 pub mod dit;
 pub mod tiny;
 pub mod topology;
@@ -130,6 +131,10 @@ pub type FrameSink = tokio::sync::mpsc::Sender<proto::frames::v1::FrameChunk>;
 pub struct Loaded {
     pub dit: Option<Box<runtime::models::wan::CausalWanModelS2V>>,
     pub vae: Option<Box<runtime::models::vae::WanVae>>,
+    /// umT5 and wav2vec2 on the decoding rank of a checkpoint run (`--ckpt_dir`).
+    pub encoders: Option<Box<ckpt::Encoders>>,
+    /// Loaded from `--ckpt_dir`: the decoding rank encodes the prompt and audio and sends them.
+    pub from_ckpt: bool,
 }
 
 fn internal(e: impl std::fmt::Display) -> crate::compute::Failure {
@@ -169,28 +174,30 @@ pub struct Generated {
 }
 
 impl Loaded {
-    /// The built-in tiny model's parts for this rank on `device`; checkpoints are refused
-    /// (not wired yet). When a stage is split over ranks, every rank (the VAE rank too) first
-    /// forms its tp / Ulysses / pp groups over `comm` (collective), and a DiT rank loads its
-    /// part of the layout.
+    /// This rank's parts on `device`: the built-in tiny model, or with `ckpt` the checkpoint
+    /// folder, validated whole (names, shapes, the LoRA's fit) before anything large is
+    /// allocated. When a stage is split over ranks, every rank (the VAE rank too) first forms
+    /// its tp / Ulysses / pp groups over `comm` (collective), and a DiT rank loads its part of
+    /// the layout.
     pub fn load(
         name: &str,
-        ckpt_dir: &str,
+        ckpt: Option<&ckpt::CkptRequest>,
         (dit, vae): (bool, bool),
         device: Device,
         comm: Option<&dyn Comm>,
         topo: &Topology,
     ) -> Result<Self, crate::compute::Failure> {
-        if !ckpt_dir.is_empty() || name != "tiny" {
+        if name != "tiny" {
             return Err((
                 proto::ErrorKind::Unsupported,
-                format!(
-                    "model {name:?} with checkpoint {ckpt_dir:?}: only the built-in tiny model \
-                     (no --ckpt_dir) runs in this build"
-                ),
+                format!("model {name:?}: only the tiny configuration runs in this build"),
             ));
         }
         let spec = ModelSpec::builtin("tiny").map_err(internal)?;
+        let validated = match ckpt {
+            Some(req) => Some(ckpt::validate(req, &spec).map_err(load_failure)?),
+            None => None,
+        };
         let layout = if topo.split_stages() {
             let comm = comm.ok_or_else(|| internal("a split stage needs a communicator"))?;
             let groups = Groups::split_dit(comm, &topo.mesh).map_err(|e| classify(e.into()))?;
@@ -203,6 +210,16 @@ impl Loaded {
             DitLayout::single()
         };
         let _w = runtime::memory::scope(runtime::memory::Category::Weights);
+        if let (Some(v), Some(req)) = (&validated, ckpt) {
+            let parts =
+                ckpt::load(v, &spec, req.fp8, (dit, vae), device, &layout).map_err(load_failure)?;
+            return Ok(Loaded {
+                dit: parts.dit.map(Box::new),
+                vae: parts.vae.map(Box::new),
+                encoders: parts.encoders.map(Box::new),
+                from_ckpt: true,
+            });
+        }
         Ok(Loaded {
             dit: if dit {
                 Some(Box::new(
@@ -218,6 +235,8 @@ impl Loaded {
             } else {
                 None
             },
+            encoders: None,
+            from_ckpt: false,
         })
     }
 
@@ -245,7 +264,7 @@ impl Loaded {
         job: &Job,
         frames: Option<FrameSink>,
     ) -> Result<Generated, crate::compute::Failure> {
-        let p = prepare(job).map_err(|e| (proto::ErrorKind::BadInput, format!("{e:#}")))?;
+        let mut p = prepare(job).map_err(|e| (proto::ErrorKind::BadInput, format!("{e:#}")))?;
         if let Some((w, h)) = job.expect_size
             && (w, h) != (p.width, p.height)
         {
@@ -262,7 +281,7 @@ impl Loaded {
         // at once (its sockets close), so only a hung one waits this long.
         let usual = comm.timeout();
         comm.set_timeout(usual.max(GENERATE_TIMEOUT));
-        let out = self.generate_inner(comm, topo, job, &p, frames);
+        let out = self.generate_inner(comm, topo, job, &mut p, frames);
         comm.set_timeout(usual);
         out.map_err(classify)
     }
@@ -272,9 +291,13 @@ impl Loaded {
         comm: &dyn Comm,
         topo: &Topology,
         job: &Job,
-        p: &Prepared,
+        p: &mut Prepared,
         frames: Option<FrameSink>,
     ) -> Result<Generated> {
+        if self.from_ckpt {
+            self.exchange_encoded(comm, topo, job, p)?;
+        }
+        let p = &*p;
         let mut out = Output::new(job, p, frames, topo.decodes())?;
         let missing = |what: &str| anyhow::anyhow!("rank {} holds no {what}", topo.rank);
         let blocks = match &topo.stage {
@@ -314,6 +337,40 @@ impl Loaded {
             blocks,
             frames: out.frames,
         })
+    }
+}
+
+impl Loaded {
+    /// A checkpoint run: the decoding rank encodes the prompt (umT5) and the audio (wav2vec2,
+    /// §10.3) once and sends both to the other DiT ranks, which take them in place of the
+    /// tiny model's derived inputs; a dedicated VAE rank needs neither.
+    fn exchange_encoded(
+        &self,
+        comm: &dyn Comm,
+        topo: &Topology,
+        job: &Job,
+        p: &mut Prepared,
+    ) -> Result<()> {
+        let (ctx_shape, audio_shape) = (p.context.dims().to_vec(), p.audio.dims().to_vec());
+        if topo.decodes() {
+            let enc = self
+                .encoders
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("rank {} holds no encoders", topo.rank))?;
+            p.context = enc.text_context(&job.prompt, ctx_shape[0])?;
+            let samples = media::audio::load_16k_mono(&job.audio)
+                .with_context(|| format!("driving audio {}", job.audio.display()))?;
+            p.audio = enc.audio_features(&samples, audio_shape[3])?;
+            for &peer in topo.dit_ranks.iter().filter(|&&d| d != topo.rank) {
+                send_tensor(comm, &p.context, peer)?;
+                send_tensor(comm, &p.audio, peer)?;
+            }
+        } else if topo.stage.is_some() {
+            let cpu = Device::Cpu;
+            p.context = recv_tensor(comm, &ctx_shape, topo.decoder_rank, &cpu)?;
+            p.audio = recv_tensor(comm, &audio_shape, topo.decoder_rank, &cpu)?;
+        }
+        Ok(())
     }
 }
 
