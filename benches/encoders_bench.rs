@@ -7,6 +7,7 @@
 //! `encoders_torch.py` times the PyTorch references the same way in the same session.
 //!
 //!   usage: encoders-bench [--seed N] [--warmup N] [--iters N] [--tokens N] [--seconds S]
+//!                         [--only t5|w2v]
 
 use std::time::Instant;
 
@@ -22,6 +23,8 @@ struct Args {
     iters: usize,
     tokens: usize,
     seconds: f64,
+    /// Run only this model ("t5" or "w2v").
+    only: Option<String>,
 }
 
 fn args() -> Result<Args> {
@@ -31,6 +34,7 @@ fn args() -> Result<Args> {
         iters: 5,
         tokens: 512,
         seconds: 10.0,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -41,6 +45,7 @@ fn args() -> Result<Args> {
             "--iters" => a.iters = val()?.parse()?,
             "--tokens" => a.tokens = val()?.parse()?,
             "--seconds" => a.seconds = val()?.parse()?,
+            "--only" => a.only = Some(val()?),
             _ => bail!("unknown argument {k}"),
         }
     }
@@ -103,7 +108,17 @@ fn main() -> Result<()> {
     println!("{}", runtime::device::cuda::check_kernels(0)?);
     let spec = planner::ModelSpec::builtin("s2v-14b")?;
 
-    // umT5-XXL.
+    let run = |m: &str| a.only.as_deref().is_none_or(|o| o == m);
+    if run("t5") {
+        t5(&a, dev, &spec)?;
+    }
+    if run("w2v") {
+        w2v(&a, dev)?;
+    }
+    Ok(())
+}
+
+fn t5(a: &Args, dev: Device, spec: &planner::ModelSpec) -> Result<()> {
     let cfg = T5Config::from_spec(&spec.t5);
     let t0 = Instant::now();
     let tensors = benches::probe_tensors(|r| T5Encoder::load(r, cfg.clone()).map(|_| ()))?;
@@ -122,7 +137,7 @@ fn main() -> Result<()> {
     let ids: Vec<u32> = (0..a.tokens as u64)
         .map(|i| ((i * 2_654_435_761 + a.seed * 97 + 1) % vocab) as u32)
         .collect();
-    let (med, lo, hi, y) = time(&dev, &a, || Ok(t5.forward(&ids)?))?;
+    let (med, lo, hi, y) = time(&dev, a, || Ok(t5.forward(&ids)?))?;
     println!(
         "RESULT t5_forward tokens {} ms_median {med:.2} ms_min {lo:.2} ms_max {hi:.2} iters {} warmup {} out {:?} rms {:.4}",
         a.tokens,
@@ -131,9 +146,10 @@ fn main() -> Result<()> {
         y.dims(),
         rms(&y)?
     );
-    drop(t5);
+    Ok(())
+}
 
-    // wav2vec2-large.
+fn w2v(a: &Args, dev: Device) -> Result<()> {
     let wcfg = xlsr53();
     let t0 = Instant::now();
     let tensors = benches::probe_tensors(|r| Wav2Vec2::load(r, wcfg.clone()).map(|_| ()))?;
@@ -158,7 +174,7 @@ fn main() -> Result<()> {
             (i as f32 * 220.0 * std::f32::consts::TAU / 16_000.0).sin() + 0.2 * noise
         })
         .collect();
-    let (med, lo, hi, y) = time(&dev, &a, || Ok(w2v.hidden_states(&wav)?))?;
+    let (med, lo, hi, y) = time(&dev, a, || Ok(w2v.hidden_states(&wav)?))?;
     println!(
         "RESULT w2v_forward seconds {} ms_median {med:.2} ms_min {lo:.2} ms_max {hi:.2} iters {} warmup {} out {:?} rms {:.4}",
         a.seconds,

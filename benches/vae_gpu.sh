@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
 # One GPU session for the VAE and encoder speed work (issue 5 item 7), on one H200:
-#   1. CUDA tests of the VAE paths against the CPU reference (cuda_vae, the VAE golden tests'
-#      *_cuda cases, ops_linalg's conv3d_cuda);
-#   2. `vae-bench --convs`: the decoder's conv shapes through cuDNN alone (NCDHW / NDHWC,
-#      heuristic / autotuned engines);
-#   3. `vae-bench` (cuDNN heuristic engines), then with LAVA_CONV=tune / cl / tune-cl
-#      (autotuned engines; channels-last convs with transposes around them), once more
-#      with per-op device times (LAVA_PROFILE=1), then
+#   1. CUDA tests of the VAE paths against the CPU reference (cuda_vae, vae_ops, the VAE
+#      golden tests' *_cuda cases);
+#   2. `vae-bench` with autotuned cuDNN engines (LAVA_CONV=tune), with the heuristic ones,
+#      once more with per-op device times (LAVA_PROFILE=1), then
 #      `benches/vae_torch.py` (PyTorch eager, same shapes) in the same session;
-#   4. `encoders-bench` (umT5-XXL 512 tokens, wav2vec2-large 10 s) and
-#      `benches/encoders_torch.py`.
+#   3. `encoders-bench --only t5` (umT5-XXL, 512 tokens) and `benches/encoders_torch.py`.
+# (`vae-bench --convs` times the conv shapes alone; `encoders-bench` without --only adds
+# wav2vec2-large on 10 s.)
 # Every step runs even when an earlier one fails; logs under OUT/vae/; a table at the end.
 # Binaries are built on the CPU machine (see docs/benchmarks.md) and copied into BIN:
-#   BIN/vae-bench, BIN/encoders-bench, BIN/tests/{cuda_vae,vae_golden,ops_linalg} (each may
+#   BIN/vae-bench, BIN/encoders-bench, BIN/tests/{cuda_vae,vae_ops,vae_golden} (each may
 #   be xz-compressed as NAME.xz; they are then unpacked to /tmp first).
 #   usage: bash benches/vae_gpu.sh BIN OUT
 set -uo pipefail
@@ -58,19 +56,17 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to LOG/NAME.txt
   status+=("$name rc=$rc $((SECONDS - t0))s")
 }
 
-step test_cuda_vae 60 "$BIN/tests/cuda_vae" --test-threads 1
-step test_cuda_vae_cl 60 env LAVA_CONV=cl "$BIN/tests/cuda_vae" --test-threads 1
-step test_vae_golden 90 "$BIN/tests/vae_golden" --test-threads 1 cuda
-step test_conv3d 40 "$BIN/tests/ops_linalg" --test-threads 1 conv3d_cuda
-step convs 90 "$BIN/vae-bench" --convs --iters 5
-step vae_bench 60 "$BIN/vae-bench" --warmup 2 --iters 5
-step vae_bench_tune 90 env LAVA_CONV=tune "$BIN/vae-bench" --warmup 1 --iters 3
-step vae_bench_cl 60 env LAVA_CONV=cl "$BIN/vae-bench" --warmup 1 --iters 3
-step vae_bench_tune_cl 90 env LAVA_CONV=tune-cl "$BIN/vae-bench" --warmup 1 --iters 3
+# Run 1 (2026-11-21 16:46Z) also ran LAVA_CONV=cl / tune-cl, `vae-bench --convs`, the
+# conv3d op test and the wav2vec2 timings (docs/benchmarks.md); run 2 keeps what changed.
+step test_cuda_vae 40 "$BIN/tests/cuda_vae" --test-threads 1
+step test_vae_ops 20 "$BIN/tests/vae_ops"
+step test_vae_golden 60 "$BIN/tests/vae_golden" --test-threads 1 cuda
+step vae_bench_tune 90 env LAVA_CONV=tune "$BIN/vae-bench" --warmup 2 --iters 5
+step vae_bench 45 "$BIN/vae-bench" --warmup 2 --iters 5
 step vae_profile 45 env LAVA_PROFILE=1 "$BIN/vae-bench" --warmup 1 --iters 1
-step vae_torch 90 env PYTHONUNBUFFERED=1 python3 benches/vae_torch.py --warmup 2 --iters 5
-step encoders 120 "$BIN/encoders-bench" --warmup 2 --iters 5
-step encoders_torch 120 env PYTHONUNBUFFERED=1 python3 benches/encoders_torch.py --warmup 2 --iters 5
+step vae_torch 60 env PYTHONUNBUFFERED=1 python3 benches/vae_torch.py --warmup 2 --iters 5
+step encoders 90 "$BIN/encoders-bench" --warmup 2 --iters 5 --only t5
+step encoders_torch 60 env PYTHONUNBUFFERED=1 python3 benches/encoders_torch.py --warmup 2 --iters 5 --only t5
 
 echo "== summary"
 {
@@ -78,5 +74,5 @@ echo "== summary"
   for f in "$LOG"/vae_bench*.txt; do echo "$(basename "$f"): $(grep -o 'conv3d: .*' "$f")"; done
   grep -h "^test result\|FAILED\|panicked" "$LOG"/test_*.txt
   grep "^RESULT" "$LOG"/*.txt | sed "s|^$LOG/||"
-  grep -h "^PROFILE" "$LOG"/vae_profile.txt | head -14
+  grep -h "^PROFILE" "$LOG"/vae_profile.txt | head -24
 } 2>&1 | tee "$LOG/summary.txt"

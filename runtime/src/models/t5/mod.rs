@@ -15,7 +15,7 @@ use planner::spec::T5Spec;
 
 use crate::device::{BinaryOp, UnaryOp};
 use crate::models::vars::{Vars, VarsRoot};
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 pub use tokenizer::{T5Tokenizer, Tokens};
 
 /// Sizes (umT5-XXL: vocab 256 384, dim 4096, ffn 10 240, 64 heads, 24 layers, 32 buckets).
@@ -75,8 +75,8 @@ struct T5Block {
     gate: Tensor,
     fc1: Tensor,
     fc2: Tensor,
-    /// `pos_embedding.embedding.weight` [buckets, heads] as host f32 (values of the dtype).
-    pos: Vec<f32>,
+    /// `pos_embedding.embedding.weight` [buckets, heads] on the device, in the weights' dtype.
+    pos: Tensor,
 }
 
 impl T5Block {
@@ -86,8 +86,7 @@ impl T5Block {
         let pos = vb
             .pp("pos_embedding")
             .pp("embedding")
-            .get("weight", &[c.num_buckets, c.num_heads])?
-            .to_vec_f32()?;
+            .get("weight", &[c.num_buckets, c.num_heads])?;
         Ok(Self {
             norm1: vb.pp("norm1").get("weight", &[d])?,
             q: a.pp("q").get("weight", &[d, d])?,
@@ -102,23 +101,19 @@ impl T5Block {
         })
     }
 
-    /// Position bias [heads, l, l] in `act`.
-    fn position_bias(&self, c: &T5Config, l: usize, act: DType, dev: &Device) -> Result<Tensor> {
-        let h = c.num_heads;
-        let mut b = vec![0f32; h * l * l];
-        for i in 0..l {
-            for j in 0..l {
-                let bucket = relative_bucket(j as i64 - i as i64, c.num_buckets, c.max_distance);
-                for n in 0..h {
-                    b[(n * l + i) * l + j] = self.pos[bucket * h + n];
-                }
-            }
-        }
-        Tensor::from_f32(&b, (h, l, l), act, dev)
+    /// Position bias [heads, l, l] in `act`: this layer's table rows gathered on the device
+    /// by the bucket of every (query, key) pair (`buckets`, row-major [l, l]).
+    fn position_bias(&self, buckets: &[u32], l: usize, act: DType) -> Result<Tensor> {
+        let h = self.pos.dim(1)?;
+        self.pos
+            .index_select(buckets, 0)?
+            .to_dtype(act)?
+            .reshape((l, l, h))?
+            .permute(&[2, 0, 1])
     }
 
-    /// x [l, dim] in `act`.
-    fn forward(&self, x: &Tensor, c: &T5Config) -> Result<Tensor> {
+    /// x [l, dim] in `act`; `buckets` as in [`T5Block::position_bias`].
+    fn forward(&self, x: &Tensor, c: &T5Config, buckets: &[u32]) -> Result<Tensor> {
         let act = x.dtype();
         let (l, d) = x.dims2()?;
         let (h, hd) = (c.num_heads, d / c.num_heads);
@@ -130,7 +125,7 @@ impl T5Block {
         // Scores without 1/√d, plus the bias, in act; softmax in f32 rounded to act.
         let s = q.matmul(&k.transpose(1, 2)?)?;
         let s = s.binary_to(
-            &self.position_bias(c, l, act, &x.device())?,
+            &self.position_bias(buckets, l, act)?,
             BinaryOp::Add,
             act,
         )?;
@@ -193,8 +188,16 @@ impl T5Encoder {
             ));
         }
         let mut x = self.token_embedding.index_select(ids, 0)?;
+        // The bucket of every (query, key) pair, shared by all layers (each has its own table).
+        let l = ids.len() as i64;
+        let buckets: Vec<u32> = (0..l * l)
+            .map(|ij| {
+                let (i, j) = (ij / l, ij % l);
+                relative_bucket(j - i, self.cfg.num_buckets, self.cfg.max_distance) as u32
+            })
+            .collect();
         for b in &self.blocks {
-            x = b.forward(&x, &self.cfg)?;
+            x = b.forward(&x, &self.cfg, &buckets)?;
         }
         x.rms_norm(Some(&self.norm), T5_EPS)
     }
