@@ -8,9 +8,10 @@
 //! call's output as little-endian f32 to `--dump` so that it can be compared with the PyTorch
 //! reference run on the same seed (`bench_ref.py --hash-seed --fill-ring --dump`).
 //!
-//! With `LAVA_PROFILE=1` it also prints the device time per op (CUDA events; `PROFILE` lines).
+//! With `LAVA_PROFILE=1` (all timed calls) or `--profile N` (N extra calls after the timed
+//! ones) it also prints the device time per op (CUDA events; `PROFILE` lines).
 //!
-//!   usage: dit-bench [--seed N] [--warmup N] [--iters N] [--dump PATH]
+//!   usage: dit-bench [--seed N] [--warmup N] [--iters N] [--dump PATH] [--profile N]
 
 use std::time::Instant;
 
@@ -37,6 +38,8 @@ struct Args {
     warmup: usize,
     iters: usize,
     dump: Option<String>,
+    /// Extra calls after the timed ones with per-op device times recorded.
+    profile: usize,
 }
 
 fn args() -> Result<Args> {
@@ -45,6 +48,7 @@ fn args() -> Result<Args> {
         warmup: 3,
         iters: 10,
         dump: None,
+        profile: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -54,6 +58,7 @@ fn args() -> Result<Args> {
             "--warmup" => a.warmup = val()?.parse()?,
             "--iters" => a.iters = val()?.parse()?,
             "--dump" => a.dump = Some(val()?),
+            "--profile" => a.profile = val()?.parse()?,
             _ => bail!("unknown argument {k}"),
         }
     }
@@ -171,6 +176,23 @@ fn main() -> Result<()> {
             "{}",
             runtime::device::cuda::profile::table(&rows, times.len(), wall)
         );
+    }
+
+    if a.profile > 0 {
+        use runtime::device::cuda::profile as prof;
+        prof::set_enabled(true);
+        prof::take(0)?;
+        let mut wall = 0.0;
+        for _ in 0..a.profile {
+            dev.synchronize()?;
+            let t = Instant::now();
+            model.forward_stream(&mut caches[0], &call(steady), &text, None)?;
+            dev.synchronize()?;
+            wall += t.elapsed().as_secs_f64() * 1e3;
+        }
+        prof::set_enabled(false);
+        let rows = prof::take(0)?;
+        print!("{}", prof::table(&rows, a.profile, wall / a.profile as f64));
     }
 
     let st = tracker.stats();

@@ -144,3 +144,34 @@ __device__ __forceinline__ void elem_offsets(const ElemArgs& a, I i, int64_t off
         }
     }
 }
+
+// Four consecutive elements at `off` (16-byte aligned for f32, 8-byte for bf16), through f32.
+__device__ __forceinline__ void load4(const void* p, int dt, int64_t off, float v[4]) {
+    if (dt == LAVA_BF16) {
+        uint2 u = *reinterpret_cast<const uint2*>((const __nv_bfloat16*)p + off);
+        float2 a = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u.x));
+        float2 b = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u.y));
+        v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+    } else if (dt == LAVA_F32) {
+        float4 f = *reinterpret_cast<const float4*>((const float*)p + off);
+        v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v[k] = load_any(p, dt, off + k);
+    }
+}
+
+__device__ __forceinline__ void store4(void* p, int dt, int64_t off, const float v[4]) {
+    if (dt == LAVA_BF16) {
+        __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
+        uint2 u;
+        u.x = *reinterpret_cast<uint32_t*>(&a);
+        u.y = *reinterpret_cast<uint32_t*>(&b);
+        *reinterpret_cast<uint2*>((__nv_bfloat16*)p + off) = u;
+    } else if (dt == LAVA_F32) {
+        *reinterpret_cast<float4*>((float*)p + off) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) store_any(p, dt, off + k, v[k]);
+    }
+}

@@ -235,8 +235,9 @@ struct RowwiseArgs {
 // SAFETY: plain-old-data matching `RowwiseArgs` in elementwise.cu.
 unsafe impl DeviceRepr for RowwiseArgs {}
 
-/// Whether the row fast path may run (`LAVA_ROWWISE=0` turns it off).
-fn rowwise_enabled() -> bool {
+/// Whether the vectorised row paths may run (`LAVA_ROWWISE=0` turns them off: this one and
+/// the 4-column path of `res_norm_mod`).
+pub(crate) fn rowwise_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("LAVA_ROWWISE").map_or(true, |v| v != "0"))
 }

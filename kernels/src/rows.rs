@@ -575,6 +575,8 @@ struct ResNormArgs {
     has_mod: i32,
     eps: f32,
     pad: i32,
+    vec4: i32,
+    pad2: i32,
 }
 // SAFETY: plain-old-data matching `ResNormArgs` in norm.cu.
 unsafe impl DeviceRepr for ResNormArgs {}
@@ -683,6 +685,8 @@ impl Kernels {
             eps: g.eps,
             // The row lives in shared memory when it fits the default 48 KiB.
             pad: i32::from(n * 4 <= 48 * 1024),
+            vec4: 0,
+            pad2: 0,
         };
         if rows == 0 || n == 0 {
             return Ok(());
@@ -701,6 +705,16 @@ impl Kernels {
             None => (0, None),
         };
         let (op_, _go) = wptr(io.out.buf, s);
+        // Four columns per access when the row is cached and every operand is aligned.
+        let mut a = a;
+        a.vec4 = i32::from(
+            a.pad != 0
+                && n % 4 == 0
+                && crate::elementwise::rowwise_enabled()
+                && [xp, yp, gp, wp, bp, scp, shp, rp, op_]
+                    .iter()
+                    .all(|p| p % 16 == 0),
+        );
         let f = self.func("lava_res_norm_mod")?;
         let mut l = s.launch_builder(f);
         l.arg(&a)

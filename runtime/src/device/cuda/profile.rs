@@ -5,6 +5,7 @@
 //! the GPU spent idle (launch gaps, host work). Off by default: a span is then one branch.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::{CudaEvent, sys};
@@ -12,10 +13,18 @@ use cudarc::driver::{CudaEvent, sys};
 use super::{CudaDev, ce};
 use crate::{Error, Result};
 
-/// Whether `LAVA_PROFILE=1` was set when the first device was created.
+static FORCED: AtomicBool = AtomicBool::new(false);
+
+/// Whether ops record spans: `LAVA_PROFILE=1` in the environment, or [`set_enabled`].
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LAVA_PROFILE").is_ok_and(|v| v == "1"))
+    static ENV: OnceLock<bool> = OnceLock::new();
+    FORCED.load(Ordering::Relaxed)
+        || *ENV.get_or_init(|| std::env::var("LAVA_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+/// Turn span recording on or off from the program (e.g. for a few calls after timing).
+pub fn set_enabled(on: bool) {
+    FORCED.store(on, Ordering::Relaxed);
 }
 
 /// The recorded (key, start, end) triples of one device, oldest first.

@@ -74,18 +74,21 @@ impl StepCache {
     }
 
     /// Store the prefill's un-roped keys and values `[Lc, H, D]` of `layer` as its sink: the
-    /// first prefill moves the value ring behind Lc sink rows, a later one (clip 1)
-    /// overwrites the sink rows in place.
+    /// first prefill puts Lc sink rows in front of the (still empty) value ring, a later one
+    /// (clip 1) overwrites the sink rows in place.
     fn set_sink(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let _g = scope(Category::KvCache);
         let lc = k.dims()[0];
         let ring = self.geom.ring_len();
         let old = self.sink_len(layer);
         if old == 0 {
+            // Before the first prefill no call has written the ring (forward_stream refuses),
+            // so it is still all zeros: free it first, then allocate [Lc + ring] zeros, and
+            // the cache never holds more than ring + sink.
             let (_, h, d) = v.dims3()?;
-            let vb = Tensor::zeros((lc + ring, h, d), v.dtype(), &v.device())?;
-            vb.copy_rows_from(lc, &self.v[layer], 0, ring)?;
-            self.v[layer] = vb;
+            let (dt, dev) = (v.dtype(), v.device());
+            self.v[layer] = Tensor::zeros((0, h, d), dt, &dev)?;
+            self.v[layer] = Tensor::zeros((lc + ring, h, d), dt, &dev)?;
         } else if old != lc {
             return Err(Error::invalid(
                 "StepCache",
