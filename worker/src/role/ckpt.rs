@@ -68,8 +68,8 @@ pub fn validate(req: &CkptRequest, spec: &ModelSpec) -> Result<Validated> {
     let lora = match &req.lora {
         Some(p) => {
             need(p, "LoRA file", false)?;
-            let l = Lora::open(p, LoraConfig::LIVEAVATAR)
-                .with_context(|| format!("LoRA {}", p.display()))?;
+            let l =
+                Lora::open(p, lora_config(p)?).with_context(|| format!("LoRA {}", p.display()))?;
             l.check_against(&dit)?;
             Some(l)
         }
@@ -102,6 +102,25 @@ pub fn validate(req: &CkptRequest, spec: &ModelSpec) -> Result<Validated> {
         t5,
         tokenizer,
         wav2vec2,
+    })
+}
+
+/// The LoRA's rank from its first `lora_A` `[r, in]`, with LiveAvatar's scaling alpha/r = 0.5
+/// (§2.4: rank 128, alpha 64), so a small-rank test adapter merges like the real one; every
+/// module's fit at this rank is checked against the checkpoint.
+fn lora_config(path: &Path) -> Result<LoraConfig> {
+    let st = runtime::weights::SafetensorsFile::open(path)?;
+    let rank = st
+        .names()
+        .find(|n| n.ends_with(".lora_A.default.weight"))
+        .and_then(|n| st.info(n))
+        .and_then(|i| i.shape.first().copied())
+        .filter(|&r| r > 0)
+        .with_context(|| format!("LoRA {}: no lora_A.default.weight tensor", path.display()))?;
+    let scale = LoraConfig::LIVEAVATAR.alpha / LoraConfig::LIVEAVATAR.rank as f32;
+    Ok(LoraConfig {
+        rank,
+        alpha: scale * rank as f32,
     })
 }
 

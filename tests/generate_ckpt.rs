@@ -1,0 +1,262 @@
+//! `lava generate --ckpt_dir` on CPU ranks with a checkpoint folder of the tiny configuration
+//! (configs/models/tiny.toml) assembled at test time from the committed fixtures in the
+//! Wan2.2-S2V layout: DiT config.json + index + 2 shards, `Wan2.1_VAE.pth`, umT5 `.pth` with
+//! the `google/umt5-xxl` tokenizer folder, the wav2vec2 folder, and the LoRA via
+//! `--lora_path_dmd`. The run writes an MP4 (ffprobe-checked); a missing shard, a truncated
+//! shard, a mis-shaped tensor and a LoRA for another model each end the job with the
+//! load-failure exit code (4) and a message naming the file or tensor; a folder without an
+//! index is refused by the launcher (bad input, 2) before any rank starts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn bin_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("LAVA_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "launcher", "-p", "worker", "--manifest-path"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "building lava failed");
+        dir
+    })
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn data(name: &str) -> String {
+    format!("{}/../media/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+const SHARD1: &str = "diffusion_pytorch_model-00001-of-00002.safetensors";
+const SHARD2: &str = "diffusion_pytorch_model-00002-of-00002.safetensors";
+
+/// A fresh folder `name` under the temp dir with the tiny checkpoint, and the LoRA beside it.
+fn tiny_folder(name: &str) -> (PathBuf, PathBuf) {
+    let root = std::env::temp_dir().join(format!("lava-ckpt-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let dir = root.join("Wan2.2-S2V-14B");
+    let tok = dir.join("google/umt5-xxl");
+    let w2v = dir.join("wav2vec2-large-xlsr-53-english");
+    for d in [&tok, &w2v] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let f = fixtures();
+    let copies: [(PathBuf, PathBuf); 10] = [
+        (
+            f.join("dit_tiny/checkpoint/config.json"),
+            dir.join("config.json"),
+        ),
+        (
+            f.join("dit_tiny/checkpoint/diffusion_pytorch_model.safetensors.index.json"),
+            dir.join("diffusion_pytorch_model.safetensors.index.json"),
+        ),
+        (f.join("dit_tiny/checkpoint").join(SHARD1), dir.join(SHARD1)),
+        (f.join("dit_tiny/checkpoint").join(SHARD2), dir.join(SHARD2)),
+        (
+            f.join("vae_tiny/Wan2.1_VAE.pth"),
+            dir.join("Wan2.1_VAE.pth"),
+        ),
+        (
+            f.join("t5_tiny/models_t5_umt5-xxl-enc-bf16.pth"),
+            dir.join("models_t5_umt5-xxl-enc-bf16.pth"),
+        ),
+        (
+            f.join("t5_tiny/tokenizer/tokenizer.json"),
+            tok.join("tokenizer.json"),
+        ),
+        (f.join("wav2vec2_tiny/config.json"), w2v.join("config.json")),
+        (
+            f.join("wav2vec2_tiny/model.safetensors"),
+            w2v.join("model.safetensors"),
+        ),
+        (
+            f.join("dit_tiny/lora/liveavatar.safetensors"),
+            root.join("liveavatar.safetensors"),
+        ),
+    ];
+    for (from, to) in &copies {
+        std::fs::copy(from, to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    }
+    (dir, root.join("liveavatar.safetensors"))
+}
+
+/// Rewrites a safetensors header with `edit` (the data bytes stay as they are).
+fn edit_header(path: &Path, edit: impl Fn(&str, &mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    for (k, v) in header.iter_mut() {
+        if k != "__metadata__" {
+            edit(k, v);
+        }
+    }
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+fn generate(dir: &Path, lora: Option<&Path>, out: &Path) -> (Output, String) {
+    let mut cmd = Command::new(bin_dir().join("lava"));
+    cmd.arg("generate")
+        .args([
+            "--gpus",
+            "2x24GB",
+            "--model",
+            "tiny",
+            "--num_gpus_dit",
+            "1",
+            "--enable_vae_parallel",
+            "--size",
+            "128*64",
+            "--image",
+            &data("boy.jpg"),
+            "--audio",
+            &data("speech_44k.mp3"),
+            "--prompt",
+            "a boy talking",
+            "--num_clip",
+            "1",
+            "--ckpt_dir",
+        ])
+        .arg(dir)
+        .arg("--save_file")
+        .arg(out);
+    if let Some(l) = lora {
+        cmd.arg("--lora_path_dmd").arg(l);
+    }
+    let run = cmd.output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    (run, log)
+}
+
+#[test]
+fn generate_from_a_checkpoint_folder_writes_an_mp4() {
+    let (dir, lora) = tiny_folder("ok");
+    let out = dir.parent().unwrap().join("out.mp4");
+    let (run, log) = generate(&dir, Some(&lora), &out);
+    assert!(run.status.success(), "{log}");
+    assert!(
+        log.contains("lava: block 3 (clip 0): frames 45/45"),
+        "{log}"
+    );
+    let probe = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-of", "json"])
+        .args([
+            "-show_entries",
+            "stream=codec_type,width,height,nb_read_frames",
+        ])
+        .arg(&out)
+        .output()
+        .expect("ffprobe on PATH");
+    assert!(probe.status.success());
+    let probe: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
+    let streams = probe["streams"].as_array().unwrap();
+    let video = streams.iter().find(|s| s["codec_type"] == "video").unwrap();
+    assert_eq!(video["nb_read_frames"], "45");
+    assert!(video["width"].as_u64().unwrap() > 0);
+    assert!(streams.iter().any(|s| s["codec_type"] == "audio"));
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
+/// Runs a broken folder: exit `code`, the log names `what`, and no rank got to generating.
+fn refused(name: &str, code: i32, what: &str, breaks: impl Fn(&Path, &Path)) {
+    let (dir, lora) = tiny_folder(name);
+    breaks(&dir, &lora);
+    let out = dir.parent().unwrap().join("out.mp4");
+    let (run, log) = generate(&dir, Some(&lora), &out);
+    assert_eq!(run.status.code(), Some(code), "{log}");
+    assert!(log.contains(what), "expected {what:?} in:\n{log}");
+    assert!(!log.contains("frames 3/"), "{log}");
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
+#[test]
+fn missing_shard_is_a_load_failure() {
+    refused("missing", 4, SHARD2, |dir, _| {
+        std::fs::remove_file(dir.join(SHARD2)).unwrap();
+    });
+}
+
+#[test]
+fn truncated_shard_is_a_load_failure() {
+    refused("truncated", 4, SHARD1, |dir, _| {
+        let p = dir.join(SHARD1);
+        let len = std::fs::metadata(&p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(len / 2).unwrap();
+    });
+}
+
+#[test]
+fn mis_shaped_tensor_is_a_load_failure() {
+    // Same byte count, other shape: only the name/shape check can catch it.
+    refused("shape", 4, "blocks.0.self_attn.q.weight", |dir, _| {
+        let index: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("diffusion_pytorch_model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let file = index["weight_map"]["blocks.0.self_attn.q.weight"]
+            .as_str()
+            .unwrap();
+        edit_header(&dir.join(file), |k, v| {
+            if k == "blocks.0.self_attn.q.weight" {
+                assert_eq!(v["shape"], serde_json::json!([64, 64]));
+                v["shape"] = serde_json::json!([32, 128]);
+            }
+        });
+    });
+}
+
+#[test]
+fn lora_for_another_model_is_a_load_failure() {
+    // Every adapter reshaped as if for a model of width 32 (rank 8): nothing fits.
+    refused("lora", 4, "a LoRA for another model", |_, lora| {
+        edit_header(lora, |k, v| {
+            let s: Vec<u64> = serde_json::from_value(v["shape"].clone()).unwrap();
+            let new = if k.contains("lora_A") {
+                [s[0] * 2, s[1] / 2]
+            } else {
+                [s[0] / 2, s[1] * 2]
+            };
+            v["shape"] = serde_json::json!(new);
+        });
+    });
+}
+
+#[test]
+fn folder_without_index_is_refused_by_the_launcher() {
+    refused(
+        "noindex",
+        2,
+        "diffusion_pytorch_model.safetensors.index.json",
+        |dir, _| {
+            std::fs::remove_file(dir.join("diffusion_pytorch_model.safetensors.index.json"))
+                .unwrap();
+        },
+    );
+}
