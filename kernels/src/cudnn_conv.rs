@@ -263,7 +263,9 @@ impl CudnnConv {
             let plan = match create(want_bias) {
                 Ok(p) => Ok(p),
                 // No fused engine: the bare convolution, bias added by the caller.
-                Err(e) if want_bias => create(false).map_err(|e2| format!("{e}; without bias: {e2}")),
+                Err(e) if want_bias => {
+                    create(false).map_err(|e2| format!("{e}; without bias: {e2}"))
+                }
                 Err(e) => Err(e.to_string()),
             };
             let plan = match plan {

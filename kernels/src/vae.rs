@@ -52,7 +52,13 @@ impl Kernels {
         let n_out = batch * c * (p + frames) * spatial;
         check_len("channel_norm_silu", "out", n_out, out.dtype, out.buf.len())?;
         if let Some((pre, p)) = &prefix {
-            check_len("channel_norm_silu", "prefix", batch * c * p * spatial, pre.dtype, pre.buf.len())?;
+            check_len(
+                "channel_norm_silu",
+                "prefix",
+                batch * c * p * spatial,
+                pre.dtype,
+                pre.buf.len(),
+            )?;
         }
         check_len(
             "channel_norm_silu",

@@ -19,7 +19,10 @@ fn channel_norm_silu_equals_unfused_ops() -> Result<()> {
         let (x, _) = rng.randn(xd.to_vec(), 1.0, xdt, &dev)?;
         let (g, _) = rng.randn(vec![xd[1]], 0.5, DType::F32, &dev)?;
         let pre = if p > 0 {
-            Some(rng.randn(vec![xd[0], xd[1], p, xd[3], xd[4]], 1.0, DType::F32, &dev)?.0)
+            Some(
+                rng.randn(vec![xd[0], xd[1], p, xd[3], xd[4]], 1.0, DType::F32, &dev)?
+                    .0,
+            )
         } else {
             None
         };

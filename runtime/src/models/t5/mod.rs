@@ -124,11 +124,7 @@ impl T5Block {
         let (q, k, v) = (heads(&self.q)?, heads(&self.k)?, heads(&self.v)?);
         // Scores without 1/√d, plus the bias, in act; softmax in f32 rounded to act.
         let s = q.matmul(&k.transpose(1, 2)?)?;
-        let s = s.binary_to(
-            &self.position_bias(buckets, l, act)?,
-            BinaryOp::Add,
-            act,
-        )?;
+        let s = s.binary_to(&self.position_bias(buckets, l, act)?, BinaryOp::Add, act)?;
         let p = s.softmax_last_to(act)?;
         let o = p.matmul(&v)?.permute(&[1, 0, 2])?.reshape((l, d))?;
         let x = x.add(&o.linear(&self.o, None)?)?;
