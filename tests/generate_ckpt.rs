@@ -106,7 +106,7 @@ fn edit_header(path: &Path, edit: impl Fn(&str, &mut serde_json::Value)) {
         }
     }
     let mut text = serde_json::to_vec(&header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

@@ -271,8 +271,13 @@ async fn coordinate(
         });
     }
     let load_peaks = join_all(calls).await?;
+    let what = if s.model_ref.ckpt_dir.is_empty() {
+        "the built-in tiny model (random weights)".to_string()
+    } else {
+        format!("checkpoint {}", s.model_ref.ckpt_dir)
+    };
     spawn::say(&format!(
-        "lava: {world} ranks loaded the built-in tiny model (random weights) in {:.1} s",
+        "lava: {world} ranks loaded {what} in {:.1} s",
         t_load.elapsed().as_secs_f64()
     ));
 

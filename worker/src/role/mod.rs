@@ -550,7 +550,7 @@ mod tests {
                     let topo = Topology::new(&layout, rank).unwrap();
                     let parts = (topo.stage.is_some(), topo.decodes());
                     let m =
-                        Loaded::load("tiny", "", parts, Device::Cpu, Some(&comm), &topo).unwrap();
+                        Loaded::load("tiny", None, parts, Device::Cpu, Some(&comm), &topo).unwrap();
                     let (tx, mut rx) = tokio::sync::mpsc::channel(1000);
                     let g = m.generate(&comm, &topo, &job, Some(tx)).unwrap();
                     let mut chunks = 0;
