@@ -751,7 +751,7 @@ impl Kernels {
     ) -> Result<()> {
         let op = "rms_norm_rope";
         let n = heads * head_dim;
-        if head_dim % 2 != 0 || cos.dtype != DType::F32 || sin.dtype != DType::F32 {
+        if !head_dim.is_multiple_of(2) || cos.dtype != DType::F32 || sin.dtype != DType::F32 {
             return Err(Error::Unsupported {
                 op,
                 msg: format!(
