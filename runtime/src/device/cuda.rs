@@ -205,7 +205,11 @@ pub fn check_kernels(ordinal: usize) -> Result<String> {
         Ok(c) => format!(
             "cuDNN{}{}",
             if c.tuned() { " autotuned" } else { "" },
-            if c.channels_last() { " channels-last" } else { "" }
+            if c.channels_last() {
+                " channels-last"
+            } else {
+                ""
+            }
         ),
         Err(e) => format!("im2col + cuBLASLt (cuDNN conv unavailable: {e})"),
     };
@@ -433,7 +437,9 @@ impl BackendStorage for CudaStorage {
     }
 
     fn try_clone(&self) -> Result<Self> {
-        let _p = self.dev.span(|| format!("clone {} {}", self.len, self.dtype.as_str()));
+        let _p = self
+            .dev
+            .span(|| format!("clone {} {}", self.len, self.dtype.as_str()));
         self.dev.bind()?;
         let buf = self.dev.stream.clone_dtod(&self.buf).map_err(ce)?;
         Ok(Self {
@@ -471,7 +477,9 @@ impl BackendStorage for CudaStorage {
         dst_stride: usize,
         dst_offset: usize,
     ) -> Result<()> {
-        let _p = self.dev.span(|| format!("copy2d {rows}x{cols} {}", self.dtype.as_str()));
+        let _p = self
+            .dev
+            .span(|| format!("copy2d {rows}x{cols} {}", self.dtype.as_str()));
         if self.dtype != dst.dtype {
             return Err(Error::DTypeMismatch {
                 op: "copy2d",
@@ -523,7 +531,9 @@ impl BackendStorage for CudaStorage {
     }
 
     fn index_select(&self, outer: usize, dim: usize, inner: usize, ids: &[u32]) -> Result<Self> {
-        let _p = self.dev.span(|| format!("index_select {outer}x{dim}x{inner}"));
+        let _p = self
+            .dev
+            .span(|| format!("index_select {outer}x{dim}x{inner}"));
         let mut out = self.new_like(outer * ids.len() * inner, self.dtype)?;
         if ids.is_empty() {
             return Ok(out);
@@ -562,7 +572,14 @@ impl BackendStorage for CudaStorage {
     }
 
     fn cast(&self, dtype: DType, mul: f32) -> Result<Self> {
-        let _p = self.dev.span(|| format!("cast {} {}->{}", self.len, self.dtype.as_str(), dtype.as_str()));
+        let _p = self.dev.span(|| {
+            format!(
+                "cast {} {}->{}",
+                self.len,
+                self.dtype.as_str(),
+                dtype.as_str()
+            )
+        });
         let mut out = self.new_like(self.len, dtype)?;
         self.k()
             .unary(
@@ -585,7 +602,14 @@ impl BackendStorage for CudaStorage {
     }
 
     fn unary(&self, op: UnaryOp, out_dtype: DType) -> Result<Self> {
-        let _p = self.dev.span(|| format!("unary {op:?} {} {}->{}", self.len, self.dtype.as_str(), out_dtype.as_str()));
+        let _p = self.dev.span(|| {
+            format!(
+                "unary {op:?} {} {}->{}",
+                self.len,
+                self.dtype.as_str(),
+                out_dtype.as_str()
+            )
+        });
         let mut out = self.new_like(self.len, out_dtype)?;
         self.k()
             .unary(
@@ -614,7 +638,14 @@ impl BackendStorage for CudaStorage {
         layout: &BroadcastLayout,
         out_dtype: DType,
     ) -> Result<Self> {
-        let _p = self.dev.span(|| format!("binary {op:?} {:?} {}->{}", layout.dims, self.dtype.as_str(), out_dtype.as_str()));
+        let _p = self.dev.span(|| {
+            format!(
+                "binary {op:?} {:?} {}->{}",
+                layout.dims,
+                self.dtype.as_str(),
+                out_dtype.as_str()
+            )
+        });
         let n = layout.dims.iter().product();
         let mut out = self.new_like(n, out_dtype)?;
         let os = kernels::contiguous_strides(&layout.dims);
@@ -659,7 +690,14 @@ impl BackendStorage for CudaStorage {
         layout: &BroadcastLayout,
         out_dtype: DType,
     ) -> Result<Self> {
-        let _p = self.dev.span(|| format!("ternary {op:?} {:?} {}->{}", layout.dims, self.dtype.as_str(), out_dtype.as_str()));
+        let _p = self.dev.span(|| {
+            format!(
+                "ternary {op:?} {:?} {}->{}",
+                layout.dims,
+                self.dtype.as_str(),
+                out_dtype.as_str()
+            )
+        });
         let n = layout.dims.iter().product();
         let mut out = self.new_like(n, out_dtype)?;
         let os = kernels::contiguous_strides(&layout.dims);
@@ -731,7 +769,14 @@ impl BackendStorage for CudaStorage {
         eps: f32,
         out_dtype: DType,
     ) -> Result<Self> {
-        let _p = self.dev.span(|| format!("layer_norm {rows}x{cols} {}->{} affine {}", self.dtype.as_str(), out_dtype.as_str(), weight.is_some()));
+        let _p = self.dev.span(|| {
+            format!(
+                "layer_norm {rows}x{cols} {}->{} affine {}",
+                self.dtype.as_str(),
+                out_dtype.as_str(),
+                weight.is_some()
+            )
+        });
         let mut out = self.new_like(rows * cols, out_dtype)?;
         self.k()
             .layer_norm(
@@ -756,7 +801,13 @@ impl BackendStorage for CudaStorage {
         eps: f32,
         out_dtype: DType,
     ) -> Result<Self> {
-        let _p = self.dev.span(|| format!("rms_norm {rows}x{cols} {}->{}", self.dtype.as_str(), out_dtype.as_str()));
+        let _p = self.dev.span(|| {
+            format!(
+                "rms_norm {rows}x{cols} {}->{}",
+                self.dtype.as_str(),
+                out_dtype.as_str()
+            )
+        });
         let mut out = self.new_like(rows * cols, out_dtype)?;
         self.k()
             .rms_norm(
@@ -811,7 +862,9 @@ impl BackendStorage for CudaStorage {
         tail: usize,
         out_dtype: DType,
     ) -> Result<(Self, Option<Self>)> {
-        let _p = self.dev.span(|| format!("norm_silu {c}x{t}x{s} {}", self.dtype.as_str()));
+        let _p = self
+            .dev
+            .span(|| format!("norm_silu {c}x{t}x{s} {}", self.dtype.as_str()));
         let p = prefix.map_or(0, |x| x.1);
         let mut out = self.new_like(n * c * (p + t) * s, out_dtype)?;
         let k = tail.min(t);
@@ -849,7 +902,13 @@ impl BackendStorage for CudaStorage {
         d: usize,
         out_dtype: DType,
     ) -> Result<Self> {
-        let _p = self.dev.span(|| format!("rope {b}x{l}x{h}x{d} {}->{}", self.dtype.as_str(), out_dtype.as_str()));
+        let _p = self.dev.span(|| {
+            format!(
+                "rope {b}x{l}x{h}x{d} {}->{}",
+                self.dtype.as_str(),
+                out_dtype.as_str()
+            )
+        });
         let mut out = self.new_like(b * l * h * d, out_dtype)?;
         let (bs, ls, hs) = ((l * h * d) as i64, (h * d) as i64, d as i64);
         let a = kernels::RopeArgs {

@@ -312,13 +312,14 @@ fn conv3d_cudnn(
         // NCDHW → NDHWC around a channels-last cuDNN convolution.
         let pin: usize = spec.input.iter().product();
         let kvol: usize = spec.kernel.iter().product();
-        let tr = |src: &CudaStorage, batch: usize, rows: usize, cols: usize| -> Result<CudaStorage> {
-            let mut t = src.scratch(batch * rows * cols, src.dtype)?;
-            dev.kernels
-                .transpose(&dev.stream, src.input(), out_of(&mut t), batch, rows, cols)
-                .map_err(ke)?;
-            Ok(t)
-        };
+        let tr =
+            |src: &CudaStorage, batch: usize, rows: usize, cols: usize| -> Result<CudaStorage> {
+                let mut t = src.scratch(batch * rows * cols, src.dtype)?;
+                dev.kernels
+                    .transpose(&dev.stream, src.input(), out_of(&mut t), batch, rows, cols)
+                    .map_err(ke)?;
+                Ok(t)
+            };
         let xt = tr(x, spec.batch, spec.c_in, pin)?;
         let wt = tr(w, spec.c_out, spec.c_in, kvol)?;
         let mut yt = x.scratch(spec.batch * spec.c_out * p, spec.out)?;
@@ -395,7 +396,12 @@ pub(super) fn attention(
 ) -> Result<CudaStorage> {
     let dev = &q.dev;
     let (b, lq, lk, h, hd) = (spec.batch, spec.lq, spec.lk, spec.heads, spec.head_dim);
-    let _p = dev.span(|| format!("attention b{b} lq{lq} lk{lk} h{h} d{hd} {}", q.dtype.as_str()));
+    let _p = dev.span(|| {
+        format!(
+            "attention b{b} lq{lq} lk{lk} h{h} d{hd} {}",
+            q.dtype.as_str()
+        )
+    });
     let bf16 = bias.is_none()
         && [q.dtype, k.dtype, v.dtype, spec.out]
             .iter()
