@@ -225,7 +225,7 @@ impl CudnnConv {
                 msg: msg.clone(),
             });
         }
-        if !plans.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = plans.entry(key) {
             let pre = i64s(g.pad.map(|p| p.0));
             let post = i64s(g.pad.map(|p| p.1));
             let st = i64s(g.stride);
@@ -279,7 +279,7 @@ impl CudnnConv {
                     });
                 }
             };
-            plans.insert(key, plan);
+            slot.insert(plan);
         }
         let Some(plan) = plans.get_mut(&key) else {
             return Err(Error::Unsupported {
