@@ -163,6 +163,15 @@ fn generate_from_a_checkpoint_folder_writes_an_mp4() {
         log.contains("lava: block 3 (clip 0): frames 45/45"),
         "{log}"
     );
+    // The encoders ran once, on the VAE rank, and the DiT rank took their outputs.
+    assert!(
+        log.contains("[rank 1 vae] encoded the prompt (umT5) and the audio (wav2vec2, 48 frames) once, sent to ranks [0]"),
+        "{log}"
+    );
+    assert!(
+        log.contains("[rank 0 dit] received the text context and audio features from rank 1"),
+        "{log}"
+    );
     let probe = Command::new("ffprobe")
         .args(["-v", "error", "-count_frames", "-of", "json"])
         .args([

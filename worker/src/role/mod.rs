@@ -361,14 +361,28 @@ impl Loaded {
             let samples = media::audio::load_16k_mono(&job.audio)
                 .with_context(|| format!("driving audio {}", job.audio.display()))?;
             p.audio = enc.audio_features(&samples, audio_shape[3])?;
-            for &peer in topo.dit_ranks.iter().filter(|&&d| d != topo.rank) {
+            let peers: Vec<usize> = topo
+                .dit_ranks
+                .iter()
+                .copied()
+                .filter(|&d| d != topo.rank)
+                .collect();
+            for &peer in &peers {
                 send_tensor(comm, &p.context, peer)?;
                 send_tensor(comm, &p.audio, peer)?;
             }
+            log!(
+                "encoded the prompt (umT5) and the audio (wav2vec2, {} frames) once, sent to ranks {peers:?}",
+                audio_shape[3]
+            );
         } else if topo.stage.is_some() {
             let cpu = Device::Cpu;
             p.context = recv_tensor(comm, &ctx_shape, topo.decoder_rank, &cpu)?;
             p.audio = recv_tensor(comm, &audio_shape, topo.decoder_rank, &cpu)?;
+            log!(
+                "received the text context and audio features from rank {}",
+                topo.decoder_rank
+            );
         }
         Ok(())
     }
