@@ -277,14 +277,14 @@ fn dit_activations(
         + sink_roped;
     let ffn_phase = t * (4 * dim + 2 * dim + 2 * ffn / tp + 2 * dim);
     let audio = t * (2 * dim + 4 * dim + 4 * dim / tp + 4 * dim / tp + 2 * dim);
-    // lava's attention reads [ring window ; re-rotated sink] as one K and one V: the window is
-    // copied out of the ring, then concatenated with the sink.
-    let concat = if kind == LayoutKind::Lava {
-        (2 * g.lkv + g.ring) * heads_r * hd * BF16
+    // lava's values live as [sink | ring] in the step cache and are read in place; the keys
+    // (re-rotated sink + ring window) are assembled per layer in one scratch of Lc + window rows.
+    let key_scratch = if kind == LayoutKind::Lava {
+        g.lkv * heads_r * hd * BF16
     } else {
         0
     };
-    let attn = attn + concat;
+    let attn = attn + key_scratch;
     let mut peak = attn.max(ffn_phase).max(audio);
     let mut detail = format!("max(attn {attn}, ffn {ffn_phase}, audio {audio}) B at {t} tokens");
     if kind == LayoutKind::Liveavatar {
