@@ -339,7 +339,7 @@ fn connect(
         Device::Cuda(_) => "NCCL",
     };
     let detail = format!(
-        "{kind} communicator, rank {} of {}",
+        "{kind} communicator rank {} of {}",
         comm.rank(),
         comm.world()
     );
