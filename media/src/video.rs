@@ -184,9 +184,12 @@ impl Mp4Writer {
                 .expected_frames
                 .map(|n| format!(":end={}", start + n as f64 / fps))
                 .unwrap_or_default();
+            // apad: audio shorter than the video (its last clip is zero-padded, §10.3) must not
+            // end the mux under -shortest while frames are still being written; it ends in
+            // silence instead.
             cmd.args([
                 "-af",
-                &format!("atrim=start={start}{end},asetpts=PTS-STARTPTS"),
+                &format!("apad,atrim=start={start}{end},asetpts=PTS-STARTPTS"),
             ]);
             cmd.codec_audio("aac")
                 .args(["-b:a", &opts.audio_bitrate, "-shortest"]);

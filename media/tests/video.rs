@@ -157,6 +157,48 @@ fn mp4_with_audio_has_the_right_size_rate_duration_and_streams() {
     assert!(p["format"]["format_name"].as_str().unwrap().contains("mp4"));
 }
 
+/// A last clip past the end of the speech (zero-padded audio, §10.3): every frame is written
+/// and the AAC track runs to the video's end in silence, with or without a known length.
+#[test]
+fn audio_shorter_than_the_video_is_padded_with_silence() {
+    let wav = tmp("short.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&wav, spec).unwrap();
+    for i in 0..8_000 {
+        // 0.5 s of a 440 Hz tone.
+        let v = (i as f32 * 440.0 * std::f32::consts::TAU / 16_000.0).sin();
+        w.write_sample((v * 8_000.0) as i16).unwrap();
+    }
+    w.finalize().unwrap();
+    for (name, expected) in [("short-open.mp4", None), ("short-exact.mp4", Some(60))] {
+        let out = tmp(name);
+        let mut opts = Mp4Options::new(64, 64);
+        opts.audio = AudioIn::File(wav.clone());
+        opts.expected_frames = expected;
+        let mut wr = Mp4Writer::create(&out, &opts).unwrap();
+        // 60 frames = 2.4 s of video against 0.5 s of audio, pushed in blocks with pauses so
+        // that ffmpeg reaches the audio's end while frames are still coming.
+        for b in 0..5 {
+            for t in 0..12 {
+                wr.write_chw(&pattern(12 * b + t, 64, 64)).unwrap();
+            }
+            wr.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        assert_eq!(wr.finish().unwrap().frames, 60, "{name}");
+        let p = ffprobe(&out, true);
+        assert_eq!(num(&stream(&p, "video").unwrap()["nb_read_frames"]), 60.0);
+        let a = stream(&p, "audio").expect("an audio stream");
+        let end = num(&a["start_time"]) + num(&a["duration"]);
+        assert!((2.35..2.7).contains(&end), "{name}: audio ends at {end}");
+    }
+}
+
 #[test]
 fn known_frame_count_cuts_the_audio_to_the_video() {
     let out = tmp("av-exact.mp4");
