@@ -7,9 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use planner::layout::{Layout, LayoutKind, T5Placement, VaePlacement, mesh};
@@ -17,28 +16,7 @@ use proto::worker::v1::{self as pb, launcher_server, worker_client::WorkerClient
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-fn bin_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("LAVA_BIN_DIR") {
-            return PathBuf::from(dir);
-        }
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "launcher", "-p", "worker", "--manifest-path"])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"));
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "building lava-worker failed"
-        );
-        dir
-    })
-}
+use lava_tests::bin_dir;
 
 /// The coordinator's registration service: accepts everyone, remembers them.
 #[derive(Debug, Default, Clone)]
