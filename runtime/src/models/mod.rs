@@ -1,6 +1,7 @@
 //! Models on the runtime's tensors: one folder per family, one file per component, names as
 //! in the checkpoint and model-spec.md.
 
+pub mod probe;
 pub mod t5;
 pub mod vae;
 pub mod var_builder;

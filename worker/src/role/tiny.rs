@@ -6,18 +6,16 @@
 //!   RMS of `audio_dim` equal sub-windows, scaled by (layer + 1)/layers per layer, zero past the
 //!   end of the audio (as §10.3 zero-pads).
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-
 use anyhow::{Result, bail};
 use planner::ModelSpec;
 use runtime::models::VarBuilder;
+use runtime::models::probe::{RandomSource, probe_tensors};
 use runtime::models::vae::{VaeConfig, WanVae};
-use runtime::models::vars::{TensorSource, VarsRoot};
+use runtime::models::vars::VarsRoot;
 use runtime::models::wan::{CausalWanModelS2V, WanConfig};
 use runtime::parallel::DitLayout;
 use runtime::sampling::NoiseGenerator;
-use runtime::weights::{CheckpointErrorKind, RandomWeights};
+use runtime::weights::RandomWeights;
 use runtime::{DType, Device, Tensor};
 
 /// Samples of one video frame at 16 kHz and 25 fps.
@@ -53,83 +51,13 @@ pub fn vae(spec: &ModelSpec, seed: u64) -> Result<WanVae> {
     vae_on(spec, seed, Device::Cpu)
 }
 
-/// The tiny VAE in f32 on `device` from random weights seeded by `seed`.
+/// The tiny VAE in f32 on `device` from random weights seeded by `seed`; its tensor names and
+/// shapes come from the VAE's own loader (`runtime::models::probe`).
 pub fn vae_on(spec: &ModelSpec, seed: u64, device: Device) -> Result<WanVae> {
     let cfg = VaeConfig::from_spec(&spec.vae)?;
-    let tensors = vae_tensors(&cfg)?;
-    let names = tensors.iter().map(|(n, _)| n.clone()).collect();
-    let src = Random(RandomWeights::new(seed, tensors), names);
+    let tensors = probe_tensors(|root| WanVae::load(root, cfg.clone()).map(|_| ()))?;
+    let src = RandomSource::new(seed, tensors);
     Ok(WanVae::load(&VarsRoot::new(&src, DType::F32, device), cfg)?)
-}
-
-/// The VAE's tensor names and shapes, as its loader asks for them: a probe source answers
-/// every name with an empty tensor, and each shape-mismatch error names the next tensor and
-/// its expected shape.
-fn vae_tensors(cfg: &VaeConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let probe = Probe(Mutex::new(BTreeMap::new()));
-    for _ in 0..100_000 {
-        let err = match WanVae::load(&VarsRoot::new(&probe, DType::F32, Device::Cpu), cfg.clone()) {
-            Ok(_) => break,
-            Err(e) => e,
-        };
-        let runtime::Error::Checkpoint {
-            kind: CheckpointErrorKind::ShapeMismatch { name, expected, .. },
-            ..
-        } = err
-        else {
-            bail!("probing the VAE's tensors: {err}");
-        };
-        let mut shapes = probe.0.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-        if shapes.insert(name.clone(), expected).is_some() {
-            bail!("probing the VAE's tensors: {name} asked for twice with different shapes");
-        }
-    }
-    let shapes = probe.0.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-    Ok(shapes.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-}
-
-struct Probe(Mutex<BTreeMap<String, Vec<usize>>>);
-
-impl TensorSource for Probe {
-    fn load(&self, name: &str, device: &Device) -> runtime::Result<Tensor> {
-        let shape = self
-            .0
-            .lock()
-            .map_err(|_| runtime::Error::LockPoisoned)?
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| vec![0]);
-        Tensor::zeros(shape, DType::F32, device)
-    }
-    fn names(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
-    }
-    fn contains(&self, _: &str) -> bool {
-        true
-    }
-    fn origin(&self) -> String {
-        "<tiny VAE shape probe>".into()
-    }
-}
-
-struct Random(RandomWeights, Vec<String>);
-
-impl TensorSource for Random {
-    fn load(&self, name: &str, device: &Device) -> runtime::Result<Tensor> {
-        self.0.tensor(name, device)
-    }
-    fn names(&self) -> Vec<String> {
-        self.1.clone()
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.0.shape(name).is_some()
-    }
-    fn origin(&self) -> String {
-        "<random weights>".into()
-    }
 }
 
 /// `[text_len, text_dim]` standard-normal values seeded by the prompt's FNV-1a hash.
