@@ -1,12 +1,14 @@
 //! `lava generate`: plan, spawn the ranks, Init/Load/Generate them, and write the MP4 from
 //! the VAE rank's frame stream as it arrives.
 //!
-//! This build runs the built-in tiny model (deterministic random weights generated on each
-//! rank, no checkpoint) on CPU ranks in the planner's layouts: TPP stages (the steps split
-//! evenly over them, each stage with the step-caches of its own steps), each stage on one rank
-//! or split over tp × Ulysses × pp ranks (FSDP over the Ulysses group), and the VAE on a
-//! dedicated rank (`--enable_vae_parallel`) or co-located on the last stage. The CPU ranks are
-//! planned as the generic GPUs of `--gpus`.
+//! The ranks run the planner's layout: TPP stages (the steps split evenly over them, each stage
+//! with the step-caches of its own steps), each stage on one rank or split over tp × Ulysses ×
+//! pp ranks (FSDP over the Ulysses group), and the VAE on a dedicated rank
+//! (`--enable_vae_parallel`) or co-located on the last stage. `--backend cuda` puts one rank on
+//! each GPU of the node (bf16, NCCL); `--backend cpu` runs every rank on the CPU reference
+//! backend (f32, sockets), planned as the GPUs of `--gpus`. Without `--ckpt_dir` every rank
+//! generates the model's weights from a fixed seed (the tiny model for the quick start and the
+//! tests, the full-size model for capacity and speed runs).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +52,10 @@ pub struct GenerateArgs {
     /// block, in order), to compare layouts.
     #[arg(long = "save_latents", alias = "save-latents")]
     pub save_latents: Option<PathBuf>,
+    /// Where the ranks compute: `cpu` (the reference backend, f32) or `cuda` (one GPU per rank
+    /// by its index on the node, bf16, NCCL) [default: cpu for --model tiny, cuda otherwise].
+    #[arg(long, value_parser = ["cpu", "cuda"])]
+    pub backend: Option<String>,
     /// Path of the `lava-worker` executable [default: next to this `lava`].
     #[arg(long, env = "LAVA_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
@@ -59,6 +65,15 @@ fn bad(message: impl Into<String>) -> Error {
     Error::Unattributed {
         kind: ErrorKind::BadInput,
         message: message.into(),
+    }
+}
+
+/// `--backend`, or its default for the model.
+fn backend<'a>(a: &'a GenerateArgs, model_name: &str) -> &'a str {
+    match &a.backend {
+        Some(b) => b,
+        None if model_name == "tiny" => "cpu",
+        None => "cuda",
     }
 }
 
@@ -79,13 +94,13 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
         Ok(v) => v,
         Err(code) => return ExitCode::from(code),
     };
-    if model.name != "tiny" || a.plan.sample_steps != 4 || a.plan.infer_frames != 48 {
-        eprintln!(
-            "lava generate: this build runs the built-in tiny model (--model tiny) with \
-             --sample_steps 4 and --infer_frames 48; the request is different"
-        );
-        return ExitCode::from(exit::BAD_INPUT);
+    let mut model_ref = model_ref;
+    model_ref.dtype = match (backend(a, &model.name), a.plan.fp8) {
+        (_, true) => "fp8",
+        ("cuda", false) => "bf16",
+        _ => "f32",
     }
+    .into();
     let roles = match proto::plan::rank_roles(
         &layout,
         &mesh(&layout, model.dit.num_layers, a.plan.sample_steps),
@@ -109,6 +124,7 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
         }
     };
     let setup = Setup {
+        backend: backend(a, &model.name).to_string(),
         model_ref,
         planned_peak: plan.ranks.iter().map(|r| r.peak_bytes).collect(),
         labels: plan.ranks.iter().map(|r| r.role_label.clone()).collect(),
@@ -132,6 +148,8 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
 }
 
 struct Setup {
+    /// `cpu` or `cuda`.
+    backend: String,
     /// What every rank loads (the tiny model, or the checkpoint folder).
     model_ref: pb::ModelRef,
     roles: Vec<pb::RankRole>,
@@ -161,7 +179,7 @@ async fn generate(a: &GenerateArgs, s: Setup) -> Result<(), Error> {
         master_addr: Some("127.0.0.1".into()),
         master_port: None,
         vae_rank,
-        backend: "cpu".into(),
+        backend: s.backend.clone(),
         worker_bin: a.worker_bin.clone(),
         advertise_host: None,
         ready_timeout: 120,
@@ -272,7 +290,10 @@ async fn coordinate(
     }
     let load_peaks = join_all(calls).await?;
     let what = if s.model_ref.ckpt_dir.is_empty() {
-        "the built-in tiny model (random weights)".to_string()
+        format!(
+            "model {} ({}, random weights)",
+            s.model_ref.name, s.model_ref.dtype
+        )
     } else {
         format!("checkpoint {}", s.model_ref.ckpt_dir)
     };
@@ -370,6 +391,9 @@ async fn join_all<T: 'static>(
     Ok(out)
 }
 
+/// Largest frame chunk accepted: one block of 12 RGB24 frames at up to 2048×2048.
+const MAX_CHUNK_BYTES: usize = 12 * 3 * 2048 * 2048 + (1 << 20);
+
 /// Streams the decoding rank's frames into the MP4, reporting each block to `progress`.
 async fn write_frames(
     a: &GenerateArgs,
@@ -380,9 +404,11 @@ async fn write_frames(
     progress: &mut Progress,
 ) -> Result<(), Error> {
     let lost = |e: String| Error::rank(rank, ErrorKind::PeerLost, e);
+    // A block of 12 frames at 704×384 is 9.7 MB, over tonic's 4 MB default.
     let mut fc = FramesClient::connect(format!("http://{addr}"))
         .await
-        .map_err(|e| lost(format!("frames: {e}")))?;
+        .map_err(|e| lost(format!("frames: {e}")))?
+        .max_decoding_message_size(MAX_CHUNK_BYTES);
     let mut stream = fc
         .stream_frames(fpb::StreamFramesRequest { request_id })
         .await
@@ -431,16 +457,24 @@ async fn write_frames(
 /// no model code (it exists, config.json and the index parse, the LoRA file exists); the
 /// workers validate names, shapes and the LoRA's fit.
 fn model_ref(a: &GenerateArgs) -> Result<pb::ModelRef, String> {
+    // A spec file travels as an absolute path (every rank reads it; same node or shared path).
+    let name = if planner::ModelSpec::builtin_names().contains(&a.plan.model.as_str()) {
+        a.plan.model.clone()
+    } else {
+        std::path::absolute(&a.plan.model)
+            .map_err(|e| format!("--model {}: {e}", a.plan.model))?
+            .display()
+            .to_string()
+    };
     let Some(dir) = &a.ckpt_dir else {
         if a.lora_path_dmd.is_some() {
             return Err("--lora_path_dmd needs --ckpt_dir".into());
         }
         if a.plan.fp8 {
-            return Err("--fp8 needs --ckpt_dir (the built-in tiny model runs in f32)".into());
+            return Err("--fp8 needs --ckpt_dir (random weights are not quantised)".into());
         }
         return Ok(pb::ModelRef {
-            name: "tiny".into(),
-            dtype: "f32".into(),
+            name,
             ..Default::default()
         });
     };
@@ -475,10 +509,9 @@ fn model_ref(a: &GenerateArgs) -> Result<pb::ModelRef, String> {
         None => String::new(),
     };
     Ok(pb::ModelRef {
-        name: "tiny".into(),
+        name,
         ckpt_dir: dir.display().to_string(),
         lora_path,
-        dtype: if a.plan.fp8 { "fp8" } else { "f32" }.into(),
         ..Default::default()
     })
 }

@@ -166,31 +166,10 @@ fn parse_common(a: &PlanArgs) -> Result<Parsed, PlanError> {
         AspectSource::SizeString
     };
     let resolution = resolve(size, source)?;
-    // Latent frames per clip: (infer_frames + 3 + motion_frames) / 4 − motion latents (model-spec §1.2).
-    let motion_latents = model.dit.motion_latents();
-    let latents = (a.infer_frames + 3 + model.dit.motion_frames) / 4;
-    let fpb = model.stream.frames_per_block;
-    if a.infer_frames == 0
-        || latents <= motion_latents
-        || !(latents - motion_latents).is_multiple_of(fpb)
-    {
-        return Err(PlanError::Workload(format!(
-            "--infer_frames {} gives {} latent frames per clip, which is not a positive multiple of the {fpb}-frame block (48 gives 12)",
-            a.infer_frames,
-            latents.saturating_sub(motion_latents)
-        )));
-    }
-    model.stream.latents_per_clip = latents - motion_latents;
-    model.stream.infer_frames = a.infer_frames;
-    if a.sample_steps == 0 {
-        return Err(PlanError::Workload(
-            "--sample_steps must be at least 1".into(),
-        ));
-    }
+    model.set_workload(a.infer_frames, a.sample_steps)?;
     if a.num_clip == 0 {
         return Err(PlanError::Workload("--num_clip must be at least 1".into()));
     }
-    model.stream.sample_steps = a.sample_steps;
     let workload = Workload {
         sample_steps: a.sample_steps,
         clips: a.num_clip,

@@ -35,8 +35,14 @@ pub fn frames_30hz(t50: usize) -> usize {
 
 /// Number of clips: int(T30 / (48 · (30/25))) + 1 (float64, as the reference).
 pub fn num_clips(t30: usize) -> usize {
+    num_clips_for(t30, CLIP_FRAMES)
+}
+
+/// Number of clips of `clip_frames` video frames (`--infer_frames`): the reference's
+/// int(T30 / (infer_frames · (30/25))) + 1.
+pub fn num_clips_for(t30: usize, clip_frames: usize) -> usize {
     let scale = AUDIO_TRACK_HZ / f64::from(VIDEO_FPS);
-    (t30 as f64 / (CLIP_FRAMES as f64 * scale)) as usize + 1
+    (t30 as f64 / (clip_frames.max(1) as f64 * scale)) as usize + 1
 }
 
 /// Index into the 30 Hz track for video frame k: round(6k/5). The fraction of 6k/5 is a

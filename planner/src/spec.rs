@@ -118,6 +118,33 @@ const BUILTIN: &[(&str, &str)] = &[
 ];
 
 impl ModelSpec {
+    /// Sets the per-request stream numbers: `infer_frames` video frames per clip (latent frames
+    /// per clip = (infer_frames + 3 + motion_frames)/4 − motion latents, model-spec §1.2, a
+    /// positive multiple of the block) and `sample_steps` denoising steps.
+    pub fn set_workload(&mut self, infer_frames: u64, sample_steps: u64) -> Result<()> {
+        let motion_latents = self.dit.motion_latents();
+        let latents = (infer_frames + 3 + self.dit.motion_frames) / 4;
+        let fpb = self.stream.frames_per_block;
+        if infer_frames == 0
+            || latents <= motion_latents
+            || !(latents - motion_latents).is_multiple_of(fpb)
+        {
+            return Err(PlanError::Workload(format!(
+                "--infer_frames {infer_frames} gives {} latent frames per clip, which is not a positive multiple of the {fpb}-frame block (48 gives 12)",
+                latents.saturating_sub(motion_latents)
+            )));
+        }
+        if sample_steps == 0 {
+            return Err(PlanError::Workload(
+                "--sample_steps must be at least 1".into(),
+            ));
+        }
+        self.stream.latents_per_clip = latents - motion_latents;
+        self.stream.infer_frames = infer_frames;
+        self.stream.sample_steps = sample_steps;
+        Ok(())
+    }
+
     /// Names of the models compiled into the binary.
     pub fn builtin_names() -> Vec<&'static str> {
         BUILTIN.iter().map(|(n, _)| *n).collect()

@@ -94,11 +94,13 @@ pub enum Command {
         /// The outcome.
         reply: oneshot::Sender<Result<String, Failure>>,
     },
-    /// Build this rank's model (the built-in tiny model only): replies with its weight bytes
+    /// Build this rank's model (random weights, or a checkpoint): replies with its weight bytes
     /// and the peak of the device's memory tracker while loading.
     Load {
-        /// Model name from Init.
+        /// Model name from Init (built in, or a spec file).
         name: String,
+        /// Weight and activation dtype from Init's ModelRef.
+        dtype: runtime::DType,
         /// Checkpoint folder, LoRA and `--fp8` from Init; `None`: the built-in tiny model.
         ckpt: Option<crate::role::ckpt::CkptRequest>,
         /// Which parts this rank holds: (DiT, VAE); both on a DiT rank hosting the VAE.
@@ -240,6 +242,7 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
             }
             Command::Load {
                 name,
+                dtype,
                 ckpt,
                 parts,
                 topology,
@@ -248,20 +251,25 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
                 tracker.reset_peak();
                 let c = comm.as_ref().map(|c| c.0.as_ref());
                 let dev = runtime_device(device);
-                let outcome =
-                    crate::role::Loaded::load(&name, ckpt.as_ref(), parts, dev, c, &topology).map(
-                        |m| {
-                            // What this rank's tracker holds as weights (its shards); the spec's
-                            // count if nothing was tracked.
-                            let live = tracker.stats().get(runtime::memory::Category::Weights).live;
-                            let bytes = match u64::try_from(live) {
-                                Ok(b) if b > 0 => b,
-                                _ => m.weight_bytes(),
-                            };
-                            model = Some(m);
-                            (bytes, peak(&tracker))
-                        },
-                    );
+                let outcome = crate::role::Loaded::load(
+                    (&name, dtype),
+                    ckpt.as_ref(),
+                    parts,
+                    dev,
+                    c,
+                    &topology,
+                )
+                .map(|m| {
+                    // What this rank's tracker holds as weights (its shards); the spec's
+                    // count if nothing was tracked.
+                    let live = tracker.stats().get(runtime::memory::Category::Weights).live;
+                    let bytes = match u64::try_from(live) {
+                        Ok(b) if b > 0 => b,
+                        _ => m.weight_bytes(),
+                    };
+                    model = Some(m);
+                    (bytes, peak(&tracker))
+                });
                 let _ = reply.send(outcome);
             }
             Command::Generate {

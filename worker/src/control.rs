@@ -352,8 +352,21 @@ impl pb::worker_server::Worker for WorkerService {
             usize::try_from(s.rank).unwrap_or(usize::MAX),
         )
         .map_err(|e| s.err(ErrorKind::BadInput, e))?;
+        // fp8: the §8.1 linears are quantised after the merge; activations stay bf16 on a GPU
+        // and f32 on the CPU reference backend.
+        let dtype = match (model.dtype.as_str(), s.device) {
+            ("f32" | "", _) | ("fp8", Device::Cpu) => runtime::DType::F32,
+            ("bf16", _) | ("fp8", Device::Cuda(_)) => runtime::DType::BF16,
+            other => {
+                return Err(s.err(
+                    ErrorKind::BadInput,
+                    format!("dtype {other:?} is none of f32, bf16, fp8"),
+                ));
+            }
+        };
         let cmd = Command::Load {
             name: model.name,
+            dtype,
             ckpt: (!model.ckpt_dir.is_empty()).then(|| crate::role::ckpt::CkptRequest {
                 dir: model.ckpt_dir.into(),
                 lora: (!model.lora_path.is_empty()).then(|| model.lora_path.into()),
@@ -403,6 +416,8 @@ impl pb::worker_server::Worker for WorkerService {
             prompt: req.prompt.clone(),
             size,
             num_clip: req.num_clip as usize,
+            infer_frames: u64::from(req.infer_frames),
+            sample_steps: u64::from(req.sample_steps),
             seed: req.seed,
             request_id: req.request_id.clone(),
             expect_size: Some((req.width as usize, req.height as usize)),

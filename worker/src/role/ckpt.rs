@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use planner::ModelSpec;
 use runtime::models::t5::{T5Config, T5Encoder, T5Tokenizer};
 use runtime::models::vae::{VaeConfig, WanVae};
-use runtime::models::vars::VarsRoot;
+use runtime::models::vars::{TensorSource, VarsRoot};
 use runtime::models::wan::{CausalWanModelS2V, WanConfig};
 use runtime::models::wav2vec2::Wav2Vec2;
 use runtime::parallel::DitLayout;
@@ -27,6 +27,8 @@ pub const VAE_FILE: &str = "Wan2.1_VAE.pth";
 pub const T5_FILE: &str = "models_t5_umt5-xxl-enc-bf16.pth";
 pub const TOKENIZER_DIR: &str = "google/umt5-xxl";
 pub const WAV2VEC2_DIR: &str = "wav2vec2-large-xlsr-53-english";
+/// umT5's embedding, whose rows are the vocabulary size.
+pub const T5_VOCAB_TENSOR: &str = "token_embedding.weight";
 
 /// What the launcher asked this rank to load.
 #[derive(Debug, Clone, Default)]
@@ -36,6 +38,9 @@ pub struct CkptRequest {
     pub lora: Option<PathBuf>,
     /// `--fp8`: the linears of §8.1 in FP8 e4m3 after the merge.
     pub fp8: bool,
+    /// `--weights_from_rank0`: only rank 0 reads the folder, the others receive from it
+    /// ([`super::scatter`]); otherwise only ranks whose node lacks the folder receive.
+    pub from_rank0: bool,
 }
 
 /// Every file of the folder, opened and checked (headers only, nothing large read).
@@ -83,7 +88,7 @@ pub fn validate(req: &CkptRequest, spec: &ModelSpec) -> Result<Validated> {
     let vae = open_pth(VAE_FILE)?;
     let t5 = open_pth(T5_FILE)?;
     let t5_dim = spec.t5.dim as usize;
-    match t5.info("token_embedding.weight").map(|i| i.shape.clone()) {
+    match t5.info(T5_VOCAB_TENSOR).map(|i| i.shape.clone()) {
         Some(s) if s.len() == 2 && s[1] == t5_dim => {}
         other => bail!(
             "{}: tensor token_embedding.weight has shape {other:?}, the model expects [vocab, {t5_dim}]",
@@ -140,12 +145,24 @@ pub struct Parts {
     pub encoders: Option<Encoders>,
 }
 
+/// The decoding rank's encoder and VAE files, read here or fetched from a holder rank.
+pub struct EncoderFiles<'a> {
+    pub wav2vec2: Wav2Vec2,
+    /// Where wav2vec2 came from, for messages.
+    pub wav2vec2_origin: String,
+    pub tokenizer: T5Tokenizer,
+    pub t5: &'a dyn TensorSource,
+    /// Rows of umT5's `token_embedding.weight` (checked by [`validate`]).
+    pub t5_vocab: usize,
+    pub vae: &'a dyn TensorSource,
+}
+
 /// Load the parts this rank holds: the encoders and the VAE on the decoding rank (small, so
 /// their own loaders' shape checks come first), then this rank's share of the DiT.
 pub fn load(
     v: &Validated,
     spec: &ModelSpec,
-    fp8: bool,
+    (dtype, fp8): (DType, bool),
     (dit, vae): (bool, bool),
     device: Device,
     layout: &DitLayout,
@@ -153,64 +170,85 @@ pub fn load(
     let (vae, encoders) = if vae {
         let w2v = Wav2Vec2::load_dir(&v.wav2vec2, DType::F32, device)
             .with_context(|| format!("wav2vec2 {}", v.wav2vec2.display()))?;
-        if w2v.config().hidden != spec.dit.audio_dim as usize {
-            bail!(
-                "wav2vec2 {}: hidden size {}, the DiT's audio_dim is {}",
-                v.wav2vec2.display(),
-                w2v.config().hidden,
-                spec.dit.audio_dim
-            );
-        }
-        if w2v.config().num_layers + 1 != spec.dit.audio_layers as usize {
-            bail!(
-                "wav2vec2 {}: {} layers give {} hidden states, the DiT takes {}",
-                v.wav2vec2.display(),
-                w2v.config().num_layers,
-                w2v.config().num_layers + 1,
-                spec.dit.audio_layers
-            );
-        }
-        let vocab =
-            v.t5.info("token_embedding.weight")
-                .map_or(0, |i| i.shape[0]);
-        let t5_cfg = T5Config {
-            vocab,
-            ..T5Config::from_spec(&spec.t5)
+        let files = EncoderFiles {
+            wav2vec2: w2v,
+            wav2vec2_origin: v.wav2vec2.display().to_string(),
+            tokenizer: T5Tokenizer::from_file(&v.tokenizer, spec.dit.text_len as usize)?,
+            t5: &v.t5,
+            t5_vocab: v.t5.info(T5_VOCAB_TENSOR).map_or(0, |i| i.shape[0]),
+            vae: &v.vae,
         };
-        let t5 = T5Encoder::load(&VarsRoot::new(&v.t5, DType::F32, device), t5_cfg)?;
-        let tokenizer = T5Tokenizer::from_file(&v.tokenizer, spec.dit.text_len as usize)?;
-        let wan_vae = WanVae::load(
-            &VarsRoot::new(&v.vae, DType::F32, device),
-            VaeConfig::from_spec(&spec.vae)?,
-        )?;
-        (
-            Some(wan_vae),
-            Some(Encoders {
-                t5,
-                tokenizer,
-                wav2vec2: w2v,
-            }),
-        )
+        let (vae, enc) = encoders(files, spec, dtype, device)?;
+        (Some(vae), Some(enc))
     } else {
         (None, None)
     };
     let dit = if dit {
-        let mut m = CausalWanModelS2V::from_checkpoint_rank(
+        let m = CausalWanModelS2V::from_checkpoint_rank(
             &v.cfg,
             &v.dit,
             v.lora.as_ref(),
-            DType::F32,
+            dtype,
             device,
             layout,
         )?;
-        if fp8 {
-            m.quantize_fp8()?;
-        }
-        Some(m)
+        Some(quantized(m, fp8)?)
     } else {
         None
     };
     Ok(Parts { dit, vae, encoders })
+}
+
+/// `--fp8` after the merge (model-spec §8.1).
+pub fn quantized(mut m: CausalWanModelS2V, fp8: bool) -> Result<CausalWanModelS2V> {
+    if fp8 {
+        m.quantize_fp8()?;
+    }
+    Ok(m)
+}
+
+/// The VAE and the encoders from their files, wav2vec2 checked against the DiT's audio input.
+pub fn encoders(
+    f: EncoderFiles,
+    spec: &ModelSpec,
+    dtype: DType,
+    device: Device,
+) -> Result<(WanVae, Encoders)> {
+    let w2v = f.wav2vec2;
+    if w2v.config().hidden != spec.dit.audio_dim as usize {
+        bail!(
+            "wav2vec2 {}: hidden size {}, the DiT's audio_dim is {}",
+            f.wav2vec2_origin,
+            w2v.config().hidden,
+            spec.dit.audio_dim
+        );
+    }
+    if w2v.config().num_layers + 1 != spec.dit.audio_layers as usize {
+        bail!(
+            "wav2vec2 {}: {} layers give {} hidden states, the DiT takes {}",
+            f.wav2vec2_origin,
+            w2v.config().num_layers,
+            w2v.config().num_layers + 1,
+            spec.dit.audio_layers
+        );
+    }
+    let t5_cfg = T5Config {
+        vocab: f.t5_vocab,
+        ..T5Config::from_spec(&spec.t5)
+    };
+    let t5 = T5Encoder::load(&VarsRoot::new(f.t5, dtype, device), t5_cfg)?;
+    let wan_vae = WanVae::load(
+        &VarsRoot::new(f.vae, dtype, device),
+        VaeConfig::from_spec(&spec.vae)?,
+    )?;
+    Ok((
+        wan_vae,
+        Encoders {
+            t5,
+            tokenizer: f.tokenizer,
+            wav2vec2: w2v,
+        },
+    ))
 }
 
 impl Encoders {

@@ -14,7 +14,7 @@
 
 pub mod ckpt;
 pub mod dit;
-pub mod tiny;
+pub mod random;
 pub mod topology;
 pub mod vae;
 
@@ -45,6 +45,10 @@ pub struct Job {
     pub prompt: String,
     pub size: SizeArg,
     pub num_clip: usize,
+    /// Video frames per clip (`--infer_frames`).
+    pub infer_frames: u64,
+    /// Denoising steps per block (`--sample_steps`).
+    pub sample_steps: u64,
     pub seed: u64,
     /// Echoed in frame chunks.
     pub request_id: String,
@@ -79,9 +83,26 @@ impl Prepared {
     }
 }
 
-/// Load and preprocess the job's image and audio for the tiny model (§10.1, §10.3 timing).
-pub fn prepare(job: &Job) -> Result<Prepared> {
-    let spec = ModelSpec::builtin("tiny").context("the built-in tiny model")?;
+/// The model spec a ModelRef names: a built-in model, or a model spec TOML file on this node.
+pub fn model_spec(name: &str) -> Result<ModelSpec> {
+    if ModelSpec::builtin_names().contains(&name) {
+        return Ok(ModelSpec::builtin(name)?);
+    }
+    let text = std::fs::read_to_string(name).with_context(|| {
+        format!(
+            "model {name:?} is neither built in ({}) nor a readable spec file",
+            ModelSpec::builtin_names().join(", ")
+        )
+    })?;
+    Ok(ModelSpec::from_toml(name, &text)?)
+}
+
+/// Load and preprocess the job's image and audio for `spec` (§10.1, §10.3 timing); the text
+/// context and audio features are the random model's ([`random`]), replaced by the encoders'
+/// on a checkpoint run.
+pub fn prepare(job: &Job, spec: &ModelSpec) -> Result<Prepared> {
+    let mut spec = spec.clone();
+    spec.set_workload(job.infer_frames, job.sample_steps)?;
     let img = media::image::load_reference_image(&job.image, job.size)
         .with_context(|| format!("reference image {}", job.image.display()))?;
     let (height, width) = (img.height(), img.width());
@@ -89,15 +110,17 @@ pub fn prepare(job: &Job) -> Result<Prepared> {
     let samples = media::audio::load_16k_mono(&job.audio)
         .with_context(|| format!("driving audio {}", job.audio.display()))?;
     let timing = media::frames::timing(samples.len())?;
-    let clips = job.num_clip.min(timing.clips);
+    let frames_per_clip = spec.stream.infer_frames as usize;
+    let clips = job
+        .num_clip
+        .min(media::frames::num_clips_for(timing.t30, frames_per_clip));
     if clips == 0 {
         bail!("--num_clip must be at least 1");
     }
     let s = &spec.stream;
-    let frames_per_clip = s.infer_frames as usize;
     let (layers, dim) = (spec.dit.audio_layers as usize, spec.dit.audio_dim as usize);
-    let audio = tiny::audio_features(&samples, layers, dim, frames_per_clip * clips)?;
-    let context = tiny::text_context(&job.prompt, &spec)?;
+    let audio = random::audio_features(&samples, layers, dim, frames_per_clip * clips)?;
+    let context = random::text_context(&job.prompt, &spec)?;
     let geometry = StreamGeometry::new(
         height / 8,
         width / 8,
@@ -119,16 +142,19 @@ pub fn prepare(job: &Job) -> Result<Prepared> {
 /// Receive timeout while generating (see [`Loaded::generate`]).
 const GENERATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Seed of the tiny model's random weights (fixed: the built-in model is one model).
-pub const TINY_WEIGHT_SEED: u64 = 0;
+/// Seed of the random models' weights (fixed: one spec, one model).
+pub const WEIGHT_SEED: u64 = 0;
 
 /// Where the VAE rank puts each decoded block: RGB24 frame chunks for the Frames stream.
 pub type FrameSink = tokio::sync::mpsc::Sender<proto::frames::v1::FrameChunk>;
 
 /// This rank's models: the DiT on DiT ranks, the VAE on the decoding rank (both when the
 /// VAE is co-located on the last stage).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Loaded {
+    pub spec: ModelSpec,
+    /// Dtype of the weights and activations (f32 on CPU ranks, bf16 on GPUs).
+    pub dtype: DType,
     pub dit: Option<Box<runtime::models::wan::CausalWanModelS2V>>,
     pub vae: Option<Box<runtime::models::vae::WanVae>>,
     /// umT5 and wav2vec2 on the decoding rank of a checkpoint run (`--ckpt_dir`).
@@ -174,26 +200,20 @@ pub struct Generated {
 }
 
 impl Loaded {
-    /// This rank's parts on `device`: the built-in tiny model, or with `ckpt` the checkpoint
-    /// folder, validated whole (names, shapes, the LoRA's fit) before anything large is
-    /// allocated. When a stage is split over ranks, every rank (the VAE rank too) first forms
-    /// its tp / Ulysses / pp groups over `comm` (collective), and a DiT rank loads its part of
-    /// the layout.
+    /// This rank's parts on `device` in `dtype`: random weights of the model `name` (built in
+    /// or a spec file), or with `ckpt` the checkpoint folder, validated whole (names, shapes,
+    /// the LoRA's fit) before anything large is allocated. When a stage is split over ranks,
+    /// every rank (the VAE rank too) first forms its tp / Ulysses / pp groups over `comm`
+    /// (collective), and a DiT rank loads its part of the layout.
     pub fn load(
-        name: &str,
+        (name, dtype): (&str, DType),
         ckpt: Option<&ckpt::CkptRequest>,
         (dit, vae): (bool, bool),
         device: Device,
         comm: Option<&dyn Comm>,
         topo: &Topology,
     ) -> Result<Self, crate::compute::Failure> {
-        if name != "tiny" {
-            return Err((
-                proto::ErrorKind::Unsupported,
-                format!("model {name:?}: only the tiny configuration runs in this build"),
-            ));
-        }
-        let spec = ModelSpec::builtin("tiny").map_err(internal)?;
+        let spec = model_spec(name).map_err(|e| (proto::ErrorKind::BadInput, format!("{e:#}")))?;
         let validated = match ckpt {
             Some(req) => Some(ckpt::validate(req, &spec).map_err(load_failure)?),
             None => None,
@@ -211,49 +231,50 @@ impl Loaded {
         };
         let _w = runtime::memory::scope(runtime::memory::Category::Weights);
         if let (Some(v), Some(req)) = (&validated, ckpt) {
-            let parts =
-                ckpt::load(v, &spec, req.fp8, (dit, vae), device, &layout).map_err(load_failure)?;
+            let parts = ckpt::load(v, &spec, (dtype, req.fp8), (dit, vae), device, &layout)
+                .map_err(load_failure)?;
             return Ok(Loaded {
+                spec,
+                dtype,
                 dit: parts.dit.map(Box::new),
                 vae: parts.vae.map(Box::new),
                 encoders: parts.encoders.map(Box::new),
                 from_ckpt: true,
             });
         }
+        let dit = if dit {
+            let m = random::dit_on(&spec, WEIGHT_SEED, dtype, device, &layout);
+            Some(Box::new(m.map_err(load_failure)?))
+        } else {
+            None
+        };
+        let vae = if vae {
+            let v = random::vae_on(&spec, WEIGHT_SEED, dtype, device);
+            Some(Box::new(v.map_err(load_failure)?))
+        } else {
+            None
+        };
         Ok(Loaded {
-            dit: if dit {
-                Some(Box::new(
-                    tiny::dit_on(&spec, TINY_WEIGHT_SEED, device, &layout).map_err(load_failure)?,
-                ))
-            } else {
-                None
-            },
-            vae: if vae {
-                Some(Box::new(
-                    tiny::vae_on(&spec, TINY_WEIGHT_SEED, device).map_err(load_failure)?,
-                ))
-            } else {
-                None
-            },
+            spec,
+            dtype,
+            dit,
+            vae,
             encoders: None,
             from_ckpt: false,
         })
     }
 
-    /// Bytes of weights held (from the tiny spec's parameter counts, f32).
+    /// Bytes of weights held by the whole model parts this rank loaded (the spec's parameter
+    /// counts in this rank's dtype; used when the memory tracker saw nothing).
     pub fn weight_bytes(&self) -> u64 {
-        let Ok(spec) = ModelSpec::builtin("tiny") else {
-            return 0;
-        };
-        let dit = self
-            .dit
-            .as_ref()
-            .map_or(0, |_| planner::params::DitParams::new(&spec.dit).total());
+        let dit = self.dit.as_ref().map_or(0, |_| {
+            planner::params::DitParams::new(&self.spec.dit).total()
+        });
         let vae = self
             .vae
             .as_ref()
-            .map_or(0, |_| planner::params::vae_params(&spec.vae).total());
-        4 * (dit + vae)
+            .map_or(0, |_| planner::params::vae_params(&self.spec.vae).total());
+        self.dtype.size_in_bytes() as u64 * (dit + vae)
     }
 
     /// One generation on this rank.
@@ -264,7 +285,8 @@ impl Loaded {
         job: &Job,
         frames: Option<FrameSink>,
     ) -> Result<Generated, crate::compute::Failure> {
-        let mut p = prepare(job).map_err(|e| (proto::ErrorKind::BadInput, format!("{e:#}")))?;
+        let mut p =
+            prepare(job, &self.spec).map_err(|e| (proto::ErrorKind::BadInput, format!("{e:#}")))?;
         if let Some((w, h)) = job.expect_size
             && (w, h) != (p.width, p.height)
         {
@@ -525,6 +547,8 @@ mod tests {
             prompt: "a boy talking".into(),
             size: SizeArg::parse("128*64").unwrap(),
             num_clip,
+            infer_frames: 48,
+            sample_steps: 4,
             seed: 420,
             request_id: "t".into(),
             expect_size: None,
@@ -563,8 +587,15 @@ mod tests {
                     };
                     let topo = Topology::new(&layout, rank).unwrap();
                     let parts = (topo.stage.is_some(), topo.decodes());
-                    let m =
-                        Loaded::load("tiny", None, parts, Device::Cpu, Some(&comm), &topo).unwrap();
+                    let m = Loaded::load(
+                        ("tiny", DType::F32),
+                        None,
+                        parts,
+                        Device::Cpu,
+                        Some(&comm),
+                        &topo,
+                    )
+                    .unwrap();
                     let (tx, mut rx) = tokio::sync::mpsc::channel(1000);
                     let g = m.generate(&comm, &topo, &job, Some(tx)).unwrap();
                     let mut chunks = 0;
@@ -579,7 +610,7 @@ mod tests {
             })
             .collect();
         let done: Vec<Generated> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
-        let p = prepare(job).unwrap();
+        let p = prepare(job, &ModelSpec::builtin("tiny").unwrap()).unwrap();
         let blocks = p.clips * p.blocks_per_clip();
         assert!(done.iter().all(|g| g.blocks == blocks), "{done:?}");
         let frames = done.iter().map(|g| g.frames).sum();
@@ -603,9 +634,9 @@ mod tests {
             size: SizeArg::parse("64*64").unwrap(),
             ..test_job(2)
         };
-        let p = prepare(&job).unwrap();
-        let model = tiny::dit(&p.spec, TINY_WEIGHT_SEED).unwrap();
-        let vae = tiny::vae(&p.spec, TINY_WEIGHT_SEED).unwrap();
+        let p = prepare(&job, &ModelSpec::builtin("tiny").unwrap()).unwrap();
+        let model = random::dit(&p.spec, WEIGHT_SEED).unwrap();
+        let vae = random::vae(&p.spec, WEIGHT_SEED).unwrap();
         let (r, m) = vae::encode_conditions(&vae, &p).unwrap();
         let mut want = Vec::new();
         dit::generate(&model, &p, job.seed, r, m, |_, _, x| {
@@ -630,26 +661,26 @@ mod tests {
     #[test]
     fn tiny_weights_and_inputs_are_deterministic() {
         let spec = ModelSpec::builtin("tiny").unwrap();
-        let a = tiny::text_context("hello", &spec)
+        let a = random::text_context("hello", &spec)
             .unwrap()
             .to_vec_f32()
             .unwrap();
         assert_eq!(
             a,
-            tiny::text_context("hello", &spec)
+            random::text_context("hello", &spec)
                 .unwrap()
                 .to_vec_f32()
                 .unwrap()
         );
         assert_ne!(
             a,
-            tiny::text_context("hellp", &spec)
+            random::text_context("hellp", &spec)
                 .unwrap()
                 .to_vec_f32()
                 .unwrap()
         );
         let samples: Vec<f32> = (0..16_000).map(|i| (i as f32 * 0.01).sin()).collect();
-        let f = tiny::audio_features(&samples, 2, 16, 48).unwrap();
+        let f = random::audio_features(&samples, 2, 16, 48).unwrap();
         assert_eq!(f.dims(), &[1, 2, 16, 48]);
         let v = f.to_vec_f32().unwrap();
         // Frame 24 starts at 15 360 samples: real audio; frame 25 would start past the end.

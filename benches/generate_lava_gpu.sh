@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# `lava generate` itself on GPUs: the launcher spawns one lava-worker per GPU, the ranks form an
+# NCCL communicator from rank 0's id, load the full-size s2v-14b in bf16 from seeded random
+# weights, and the decoding rank streams frames to the launcher, which writes the MP4 with the
+# audio. MODE `smoke` (one GPU): the tiny model on CUDA, then s2v-14b on one GPU for one clip.
+# MODE `multi` (4 GPUs): s2v-14b on one GPU (the reference), TPP 4 stages with the VAE
+# co-located on the last, and tensor parallel 4 in one stage, 3 clips each at 704×384; then
+# the 4-GPU latents against the one-GPU run (bf16, rel L2 ≤ 1e-2) and a short table.
+# BIN holds `lava`, `lava-worker` (built with --features cudnn) and ffmpeg.xz (a static
+# ffmpeg; the GPU machine has none). Each step runs whatever the previous did (set +e).
+#   usage: benches/generate_lava_gpu.sh BIN OUT smoke|multi
+set -uo pipefail
+BIN=$(cd "${1:?binary folder}" && pwd)
+OUT=${2:?output folder}
+MODE=${3:?smoke or multi}
+LOG="$OUT/generate"
+mkdir -p "$LOG"
+export NCCL_NVLS_ENABLE=0
+site=$(python3 -c 'import site;print(site.getsitepackages()[0])')
+shim=/tmp/lava-cuda-shim
+mkdir -p "$shim"
+# pip's NCCL ships only libnccl.so.2 and cudarc looks for libnccl.so (and libcublas.so).
+ln -sf "$(ls "$site"/nvidia/nccl/lib/libnccl.so.2)" "$shim/libnccl.so"
+ln -sf "$(ls "$site"/nvidia/cu*/lib/libcublas.so.* "$site"/nvidia/cublas/lib/libcublas.so.* 2>/dev/null | head -1)" "$shim/libcublas.so"
+export LD_LIBRARY_PATH=$shim:$(ls -d "$site"/nvidia/*/lib | tr '\n' :)${LD_LIBRARY_PATH:-}
+if [ ! -x /tmp/lava-ffmpeg/ffmpeg ]; then
+  mkdir -p /tmp/lava-ffmpeg && xz -dc "$BIN/ffmpeg.xz" > /tmp/lava-ffmpeg/ffmpeg && chmod +x /tmp/lava-ffmpeg/ffmpeg
+fi
+export PATH=/tmp/lava-ffmpeg:$PATH
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+  echo "cores: $(nproc)"
+  ffmpeg -version | head -1
+} 2>&1 | tee "$LOG/env.txt"
+
+data=media/tests/data
+# 2.6 s of speech ×4: enough audio for 3 clips (each clip needs 1.92 s).
+ffmpeg -v error -y -stream_loop 3 -i "$data/speech_44k.mp3" -ac 1 -ar 16000 "$LOG/speech.wav"
+ngpu=$(nvidia-smi -L | wc -l)
+
+step() { # name, wall limit (s), lava generate arguments…
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== $name: lava generate $*" | tee "$LOG/$name.txt"
+  timeout -k 10 "$limit" "$BIN/lava" generate --worker-bin "$BIN/lava-worker" \
+    --image "$data/boy.jpg" --audio "$LOG/speech.wav" --prompt "a boy talking" \
+    --save_file "$LOG/$name.mp4" --save_latents "$LOG/$name.f32" "$@" >> "$LOG/$name.txt" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG/$name.txt" "$LOG/steps.txt"
+  ffmpeg -hide_banner -i "$LOG/$name.mp4" 2>&1 | grep -E 'Duration|Stream' | sed "s/^/$name mp4: /" >> "$LOG/steps.txt"
+  pgrep -a lava-worker >> "$LOG/steps.txt" && echo "$name: ORPHAN lava-worker" >> "$LOG/steps.txt"
+}
+
+s2v=(--model s2v-14b --backend cuda --size '704*384')
+case $MODE in
+smoke)
+  step tiny1 120 --model tiny --backend cuda --gpus 1xH100 --size '128*64' --num_clip 2
+  step s2v1 300 "${s2v[@]}" --gpus "${ngpu}xH100" --num_gpus_dit 1 --enable_vae_parallel false --num_clip 1
+  ;;
+multi)
+  step single 200 "${s2v[@]}" --gpus 1xH200 --num_clip 3
+  step tpp4 260 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --enable_vae_parallel false --num_clip 3
+  step tp4 260 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --tp 4 --enable_vae_parallel false --num_clip 3
+  echo "== latents against the one-GPU run" | tee -a "$LOG/steps.txt"
+  for l in tpp4 tp4; do
+    python3 - "$LOG/single.f32" "$LOG/$l.f32" "$l" <<'EOF' 2>&1 | tee -a "$LOG/steps.txt"
+import sys, numpy as np
+a = np.fromfile(sys.argv[1], dtype="<f4").astype(np.float64)
+b = np.fromfile(sys.argv[2], dtype="<f4").astype(np.float64)
+n = min(a.size, b.size)
+ok = a.size == b.size and n > 0
+rel = np.linalg.norm(b[:n] - a[:n]) / max(np.linalg.norm(a[:n]), 1e-30) if n else float("nan")
+print(f"COMPARE {sys.argv[3]} vs single: {n} values, rel L2 {rel:.3e}, sizes equal {ok}, "
+      f"finite {np.isfinite(b).all()}, {'PASS' if ok and rel <= 1e-2 else 'FAIL'} (tol 1e-2)")
+EOF
+  done
+  ;;
+esac
+
+echo "== summary"
+cat "$LOG/steps.txt"
+for f in "$LOG"/*.txt; do
+  case $f in */steps.txt|*/env.txt) continue ;; esac
+  echo "-- $(basename "$f" .txt)"
+  grep -E 'summary|stage [0-9]+:|decode:|slowest|measured|loaded|wrote|error' "$f" | tail -16
+done

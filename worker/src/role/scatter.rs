@@ -1,0 +1,641 @@
+//! Weights read once and sent over the communicator (issue 6 item 3): a rank whose node lacks
+//! the checkpoint folder receives what it loads from a rank that has it.
+//!
+//! At Load every rank says whether it holds the folder (its index exists on this node; with
+//! `--weights_from_rank0` only rank 0 counts) and each holder validates it ([`super::ckpt`]).
+//! One all-gather tells every rank who holds it and whether a check failed; the first failure's
+//! message is broadcast, so every rank fails with it instead of waiting. The lowest holder then
+//! serves the receivers one after another and loads its own part last. A receiver runs the
+//! usual loaders over sources that fetch each tensor by name ([`Remote`]): its DiT shard
+//! (tp slices cut and the LoRA merged by the holder, [`VarBuilder::stored`]) and, on the
+//! decoding rank, the VAE, umT5 with its tokenizer and wav2vec2, so a received model equals a
+//! locally read one.
+//!
+//! ```text
+//! receiver ── "tensor dit blocks.3.ffn.0.weight 0 1 2" ──▶ holder   (dim, rank, world)
+//! receiver ◀── "ok bf16 64,128", then the tensor ──────────── holder
+//! receiver ── "done" ──▶ holder, which serves the next receiver
+//! ```
+//!
+//! Control messages are UTF-8 text (files: their bytes) carried one byte per f32 element,
+//! since every backend moves f32, after a 4-element length.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use planner::ModelSpec;
+use runtime::comm::{Comm, CommErrorKind};
+use runtime::models::t5::T5Tokenizer;
+use runtime::models::vars::{TensorSource, VarsRoot};
+use runtime::models::wan::{CausalWanModelS2V, WanConfig};
+use runtime::models::wav2vec2::{Wav2Vec2, Wav2Vec2Config};
+use runtime::models::{FetchWeights, VarBuilder};
+use runtime::parallel::{DitLayout, Shard};
+use runtime::pth::PthFile;
+use runtime::weights::{INDEX_NAME, SafetensorsFile};
+use runtime::{DType, Device, Error, Shape, Tensor};
+
+use super::ckpt::{self, CkptRequest, EncoderFiles, Parts, Validated};
+use crate::compute::Failure;
+
+/// How long a receiver may wait for the holder (which serves the receivers before it first)
+/// and the holder for a receiver's next request; a dead peer still fails at once.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What this rank does with `--ckpt_dir`, agreed by every rank at Load ([`Plan::agree`]).
+#[derive(Debug)]
+pub enum Plan {
+    /// Reads the folder on its own node.
+    Local(Box<Validated>),
+    /// Reads it, and first sends the ranks `to` (ascending) what they load.
+    Serve(Box<Validated>, Vec<usize>),
+    /// Receives everything it loads from rank `from`.
+    Receive { from: usize },
+}
+
+/// The tensor files a receiver asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Dit,
+    Vae,
+    T5,
+    Wav2vec2,
+}
+
+impl Src {
+    const ALL: [Src; 4] = [Src::Dit, Src::Vae, Src::T5, Src::Wav2vec2];
+    fn name(self) -> &'static str {
+        match self {
+            Src::Dit => "dit",
+            Src::Vae => "vae",
+            Src::T5 => "t5",
+            Src::Wav2vec2 => "wav2vec2",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s)
+    }
+}
+
+/// The non-tensor files a receiver asks for.
+const TOKENIZER_JSON: &str = "tokenizer";
+const WAV2VEC2_CONFIG: &str = "wav2vec2_config";
+
+fn load_failure(e: impl std::fmt::Display) -> Failure {
+    (proto::ErrorKind::LoadFailure, format!("{e:#}"))
+}
+
+/// A lost or silent peer is a lost peer; anything else a load failure.
+fn failure(e: &anyhow::Error) -> Failure {
+    let lost = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<Error>(),
+            Some(Error::Comm {
+                kind: CommErrorKind::PeerLost { .. } | CommErrorKind::Timeout { .. },
+                ..
+            })
+        )
+    });
+    let kind = if lost {
+        proto::ErrorKind::PeerLost
+    } else {
+        proto::ErrorKind::LoadFailure
+    };
+    (kind, format!("{e:#}"))
+}
+
+impl Plan {
+    /// Collective over `comm` (every rank, with the same request): who holds the folder,
+    /// each holder's validation, and the first failure's message for everyone. Without a
+    /// communicator (one rank) the folder is read here.
+    pub fn agree(
+        req: &CkptRequest,
+        spec: &ModelSpec,
+        comm: Option<&dyn Comm>,
+        device: Device,
+    ) -> Result<Self, Failure> {
+        let comm = match comm {
+            Some(c) if c.world() > 1 => c,
+            _ => {
+                let v = ckpt::validate(req, spec).map_err(load_failure)?;
+                return Ok(Plan::Local(Box::new(v)));
+            }
+        };
+        let rank = comm.rank();
+        let holds = if req.from_rank0 {
+            rank == 0
+        } else {
+            req.dir.join(INDEX_NAME).is_file()
+        };
+        let checked = holds.then(|| ckpt::validate(req, spec));
+        let flag = |b: bool| if b { 1.0f32 } else { 0.0 };
+        let mine = [flag(holds), flag(matches!(checked, Some(Err(_))))];
+        let all = gather_flags(comm, &mine, device).map_err(|e| failure(&e))?;
+        let holders: Vec<usize> = (0..comm.world()).filter(|&r| all[2 * r] > 0.5).collect();
+        if let Some(bad) = (0..comm.world()).find(|&r| all[2 * r + 1] > 0.5) {
+            let own = match &checked {
+                Some(Err(e)) => Some(format!("{e:#}")),
+                _ => None,
+            };
+            let msg = broadcast_text(comm, bad, own.as_deref(), device)
+                .map_err(|e| failure(&e))?;
+            return Err(load_failure(own.unwrap_or_else(|| {
+                format!("{msg} (rank {bad} reads the checkpoint for this rank)")
+            })));
+        }
+        let Some(&server) = holders.first() else {
+            // No node has it: the error a local read gives.
+            return match ckpt::validate(req, spec) {
+                Err(e) => Err(load_failure(e)),
+                Ok(_) => Err(load_failure(format!(
+                    "no rank holds the checkpoint folder {}",
+                    req.dir.display()
+                ))),
+            };
+        };
+        let receivers: Vec<usize> = (0..comm.world())
+            .filter(|r| !holders.contains(r))
+            .collect();
+        Ok(match checked {
+            Some(Ok(v)) if rank == server && !receivers.is_empty() => {
+                Plan::Serve(Box::new(v), receivers)
+            }
+            Some(Ok(v)) => Plan::Local(Box::new(v)),
+            _ => Plan::Receive { from: server },
+        })
+    }
+
+    /// This rank's parts: read here, served first, or received (see the module docs).
+    /// Point to point over `comm` between the holder and each receiver in turn.
+    pub fn load(
+        &self,
+        req: &CkptRequest,
+        spec: &ModelSpec,
+        dtype: DType,
+        parts: (bool, bool),
+        device: Device,
+        comm: Option<&dyn Comm>,
+        layout: &DitLayout,
+    ) -> Result<Parts, Failure> {
+        let local = |v: &Validated| {
+            ckpt::load(v, spec, (dtype, req.fp8), parts, device, layout).map_err(load_failure)
+        };
+        let comm = match (self, comm) {
+            (Plan::Local(v), _) => return local(v),
+            (_, Some(c)) => c,
+            (_, None) => return Err(load_failure("receiving weights needs a communicator")),
+        };
+        let usual = comm.timeout();
+        comm.set_timeout(usual.max(LOAD_TIMEOUT));
+        let out = match self {
+            Plan::Serve(v, to) => to
+                .iter()
+                .try_for_each(|&r| serve(comm, v, r, device))
+                .map_err(|e| failure(&e)),
+            Plan::Receive { from } => {
+                let remote = Remote::new(comm, *from, &req.dir, device);
+                let got = receive(&remote, spec, (dtype, req.fp8), parts, device, layout);
+                // Done in any case: the holder goes on to the next receiver.
+                let done = remote.done();
+                let got = got.and_then(|p| done.map(|()| p).map_err(Into::into));
+                comm.set_timeout(usual);
+                return got.map_err(|e| failure(&e));
+            }
+            Plan::Local(_) => Ok(()),
+        };
+        comm.set_timeout(usual);
+        out?;
+        match self {
+            Plan::Serve(v, _) | Plan::Local(v) => local(v),
+            Plan::Receive { .. } => Err(load_failure("a receiving rank has no folder")),
+        }
+    }
+}
+
+/// Every rank's two flags, rank-major.
+fn gather_flags(comm: &dyn Comm, mine: &[f32; 2], device: Device) -> anyhow::Result<Vec<f32>> {
+    let t = Tensor::from_vec(mine.to_vec(), 2, &Device::Cpu)?.to_device(&device)?;
+    let all = comm.all_gather(&t, 0).context("agreeing who reads the checkpoint")?;
+    Ok(all.to_vec_f32()?)
+}
+
+/// `n` as four 16-bit pieces (exact in f32).
+fn len_tensor(n: usize, device: Device) -> runtime::Result<Tensor> {
+    let n = n as u64;
+    let v: Vec<f32> = (0..4).map(|i| ((n >> (16 * i)) & 0xffff) as f32).collect();
+    Tensor::from_vec(v, 4, &Device::Cpu)?.to_device(&device)
+}
+
+fn len_of(t: &Tensor) -> runtime::Result<usize> {
+    let v = t.to_vec_f32()?;
+    let n = v
+        .iter()
+        .enumerate()
+        .fold(0u64, |n, (i, x)| n | ((*x as u64) << (16 * i)));
+    usize::try_from(n).map_err(|_| Error::invalid("scatter", format!("message of {n} bytes")))
+}
+
+fn bytes_tensor(b: &[u8], device: Device) -> runtime::Result<Tensor> {
+    let v: Vec<f32> = b.iter().map(|&x| f32::from(x)).collect();
+    Tensor::from_vec(v, b.len(), &Device::Cpu)?.to_device(&device)
+}
+
+fn bytes_of(t: &Tensor) -> runtime::Result<Vec<u8>> {
+    // Every element is a byte value sent by `bytes_tensor`.
+    Ok(t.to_vec_f32()?.into_iter().map(|x| x as u8).collect())
+}
+
+fn send_bytes(comm: &dyn Comm, b: &[u8], peer: usize, device: Device) -> runtime::Result<()> {
+    comm.send(&len_tensor(b.len(), device)?, peer)?;
+    if !b.is_empty() {
+        comm.send(&bytes_tensor(b, device)?, peer)?;
+    }
+    Ok(())
+}
+
+fn recv_bytes(comm: &dyn Comm, peer: usize) -> runtime::Result<Vec<u8>> {
+    let n = len_of(&comm.recv(&Shape::from(vec![4]), DType::F32, peer)?)?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    bytes_of(&comm.recv(&Shape::from(vec![n]), DType::F32, peer)?)
+}
+
+/// Collective: `root`'s text on every rank.
+fn broadcast_text(
+    comm: &dyn Comm,
+    root: usize,
+    text: Option<&str>,
+    device: Device,
+) -> anyhow::Result<String> {
+    let b = text.unwrap_or_default().as_bytes();
+    let n = len_of(&comm.broadcast(&len_tensor(b.len(), device)?, root)?)?;
+    let payload = if comm.rank() == root {
+        bytes_tensor(b, device)?
+    } else {
+        Tensor::zeros(n, DType::F32, &device)?
+    };
+    let got = comm
+        .broadcast(&payload, root)
+        .with_context(|| format!("receiving rank {root}'s checkpoint error"))?;
+    Ok(String::from_utf8_lossy(&bytes_of(&got)?).into_owned())
+}
+
+// ---- the holder -------------------------------------------------------------------------
+
+/// Answers `peer`'s requests until it says done.
+fn serve(comm: &dyn Comm, v: &Validated, peer: usize, device: Device) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let w2v = OnceLock::new();
+    let (mut tensors, mut bytes) = (0usize, 0usize);
+    loop {
+        let req = recv_bytes(comm, peer)
+            .with_context(|| format!("serving the checkpoint to rank {peer}"))?;
+        let req = String::from_utf8_lossy(&req).into_owned();
+        if req == "done" {
+            break;
+        }
+        match answer(v, &w2v, &req, device) {
+            Ok(Answer::Tensor(t)) => {
+                let head = format!("ok\t{}\t{}", t.dtype().as_str(), join(t.dims()));
+                send_bytes(comm, head.as_bytes(), peer, device)?;
+                comm.send(&t, peer)?;
+                tensors += 1;
+                bytes += t.elem_count() * t.dtype().size_in_bytes();
+            }
+            Ok(Answer::Bytes(b)) => {
+                let mut head = b"ok\t".to_vec();
+                head.extend_from_slice(&b);
+                send_bytes(comm, &head, peer, device)?;
+            }
+            Err(e) => send_bytes(comm, format!("err\t{e:#}").as_bytes(), peer, device)?,
+        }
+    }
+    log!(
+        "sent rank {peer} its weights: {tensors} tensors, {:.1} MB in {:.1} s",
+        bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+enum Answer {
+    Tensor(Tensor),
+    Bytes(Vec<u8>),
+}
+
+fn join(dims: &[usize]) -> String {
+    dims.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The holder's files by request name.
+fn source<'a>(
+    v: &'a Validated,
+    w2v: &'a OnceLock<Box<dyn TensorSource>>,
+    src: Src,
+) -> anyhow::Result<&'a dyn TensorSource> {
+    Ok(match src {
+        Src::Dit => anyhow::bail!("the DiT is fetched tensor by tensor, not as a file"),
+        Src::Vae => &v.vae,
+        Src::T5 => &v.t5,
+        Src::Wav2vec2 => match w2v.get() {
+            Some(s) => s.as_ref(),
+            None => {
+                let s = open_wav2vec2(&v.wav2vec2)?;
+                w2v.get_or_init(|| s).as_ref()
+            }
+        },
+    })
+}
+
+/// wav2vec2's weights as `Wav2Vec2::load_dir` finds them.
+fn open_wav2vec2(dir: &Path) -> anyhow::Result<Box<dyn TensorSource>> {
+    let (st, bin) = (dir.join("model.safetensors"), dir.join("pytorch_model.bin"));
+    Ok(if st.exists() {
+        Box::new(SafetensorsFile::open(&st)?)
+    } else if bin.exists() {
+        Box::new(PthFile::open(&bin)?)
+    } else {
+        anyhow::bail!(
+            "wav2vec2 {}: neither model.safetensors nor pytorch_model.bin",
+            dir.display()
+        )
+    })
+}
+
+fn answer(
+    v: &Validated,
+    w2v: &OnceLock<Box<dyn TensorSource>>,
+    req: &str,
+    device: Device,
+) -> anyhow::Result<Answer> {
+    let f: Vec<&str> = req.split('\t').collect();
+    let src = |s: &str| Src::parse(s).with_context(|| format!("unknown source {s:?}"));
+    match f.as_slice() {
+        ["tensor", s, name, rest @ ..] => {
+            let hint = match rest {
+                [] => None,
+                [d, r, w] => Some(Shard {
+                    dim: d.parse()?,
+                    rank: r.parse()?,
+                    world: w.parse()?,
+                }),
+                _ => anyhow::bail!("bad request {req:?}"),
+            };
+            let t = match (src(s)?, hint) {
+                (Src::Dit, h) => VarBuilder::stored(&v.dit, v.lora.as_ref(), name, h, device)?,
+                (other, None) => source(v, w2v, other)?.load(name, &device)?,
+                (other, Some(_)) => anyhow::bail!("{} tensors are not sharded", other.name()),
+            };
+            // fp8 does not travel (the communicators refuse it); f32 holds it exactly.
+            Ok(Answer::Tensor(if t.dtype() == DType::F8E4M3 {
+                t.to_dtype(DType::F32)?
+            } else {
+                t
+            }))
+        }
+        ["names", s] => {
+            let s = source(v, w2v, src(s)?)?;
+            let mut out = String::new();
+            for n in s.names() {
+                let t = s.load(&n, &Device::Cpu);
+                let shape = t.map(|t| join(t.dims()))?;
+                out.push_str(&format!("{n}\t{shape}\n"));
+            }
+            Ok(Answer::Bytes(out.into_bytes()))
+        }
+        ["file", f] if *f == TOKENIZER_JSON => {
+            let p = v.tokenizer.join("tokenizer.json");
+            Ok(Answer::Bytes(
+                std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+            ))
+        }
+        ["file", f] if *f == WAV2VEC2_CONFIG => {
+            let p = v.wav2vec2.join("config.json");
+            Ok(Answer::Bytes(
+                std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+            ))
+        }
+        _ => anyhow::bail!("bad request {req:?}"),
+    }
+}
+
+// ---- a receiver -------------------------------------------------------------------------
+
+/// The holder seen from a receiver: one request and its answer at a time.
+#[derive(Debug)]
+pub struct Remote<'a> {
+    comm: &'a dyn Comm,
+    holder: usize,
+    /// `rank N:<folder>` for messages.
+    origin: String,
+    /// Where the communicator's tensors live.
+    device: Device,
+    /// Tensors and bytes received; the lock also keeps requests whole.
+    got: Mutex<(usize, usize)>,
+}
+
+fn fetch_error(e: impl std::fmt::Display) -> Error {
+    Error::invalid("fetching weights", e.to_string())
+}
+
+impl<'a> Remote<'a> {
+    pub fn new(comm: &'a dyn Comm, holder: usize, dir: &Path, device: Device) -> Self {
+        Self {
+            comm,
+            holder,
+            origin: format!("rank {holder}:{}", dir.display()),
+            device,
+            got: Mutex::new((0, 0)),
+        }
+    }
+
+    /// Sends `req`; the holder's payload after "ok", its message after "err" as an error.
+    fn call(&self, req: &str, then: impl FnOnce(&[u8]) -> runtime::Result<()>) -> runtime::Result<()> {
+        let _one = self.got.lock().map_err(|_| Error::LockPoisoned)?;
+        send_bytes(self.comm, req.as_bytes(), self.holder, self.device)?;
+        let reply = recv_bytes(self.comm, self.holder)?;
+        match reply.split_first_chunk::<3>() {
+            Some((b"ok\t", rest)) => then(rest),
+            _ => {
+                let text = String::from_utf8_lossy(&reply);
+                let msg = text.strip_prefix("err\t").unwrap_or(&text);
+                Err(fetch_error(format!("rank {} answered {req:?}: {msg}", self.holder)))
+            }
+        }
+    }
+
+    fn tensor(&self, src: Src, name: &str, hint: Option<Shard>, device: &Device) -> runtime::Result<Tensor> {
+        let mut req = format!("tensor\t{}\t{name}", src.name());
+        if let Some(h) = hint {
+            req.push_str(&format!("\t{}\t{}\t{}", h.dim, h.rank, h.world));
+        }
+        let mut out = None;
+        self.call(&req, |head| {
+            let head = String::from_utf8_lossy(head);
+            let (dt, dims) = head
+                .split_once('\t')
+                .ok_or_else(|| fetch_error(format!("bad header {head:?}")))?;
+            let dtype = [DType::BF16, DType::F16, DType::F32]
+                .into_iter()
+                .find(|d| d.as_str() == dt)
+                .ok_or_else(|| fetch_error(format!("dtype {dt:?}")))?;
+            let shape = parse_dims(dims)?;
+            out = Some(self.comm.recv(&Shape::from(shape), dtype, self.holder)?);
+            Ok(())
+        })?;
+        let t = out.ok_or_else(|| fetch_error("no tensor"))?;
+        if let Ok(mut g) = self.got.lock() {
+            g.0 += 1;
+            g.1 += t.elem_count() * t.dtype().size_in_bytes();
+        }
+        t.to_device(device)
+    }
+
+    fn bytes(&self, req: &str) -> runtime::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.call(req, |b| {
+            out = b.to_vec();
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The receiver has everything: the holder moves on.
+    fn done(&self) -> runtime::Result<()> {
+        let _one = self.got.lock().map_err(|_| Error::LockPoisoned)?;
+        send_bytes(self.comm, b"done", self.holder, self.device)
+    }
+}
+
+fn parse_dims(s: &str) -> runtime::Result<Vec<usize>> {
+    if s.is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|d| d.parse().map_err(|_| fetch_error(format!("bad shape {s:?}"))))
+        .collect()
+}
+
+/// The DiT's tensors from the holder (LoRA merged there).
+#[derive(Debug)]
+struct RemoteDit<'a>(&'a Remote<'a>);
+
+impl FetchWeights for RemoteDit<'_> {
+    fn fetch(&self, name: &str, hint: Option<Shard>, device: &Device) -> runtime::Result<Tensor> {
+        self.0.tensor(Src::Dit, name, hint, device)
+    }
+    fn origin(&self) -> String {
+        self.0.origin.clone()
+    }
+}
+
+/// One of the holder's `.pth` / safetensors files, its names and shapes asked once.
+struct RemoteFile<'a> {
+    remote: &'a Remote<'a>,
+    src: Src,
+    shapes: BTreeMap<String, Vec<usize>>,
+    origin: String,
+}
+
+impl<'a> RemoteFile<'a> {
+    fn new(remote: &'a Remote<'a>, src: Src, file: &str) -> runtime::Result<Self> {
+        let list = remote.bytes(&format!("names\t{}", src.name()))?;
+        let mut shapes = BTreeMap::new();
+        for line in String::from_utf8_lossy(&list).lines() {
+            let (n, d) = line
+                .split_once('\t')
+                .ok_or_else(|| fetch_error(format!("bad name line {line:?}")))?;
+            shapes.insert(n.to_string(), parse_dims(d)?);
+        }
+        Ok(Self {
+            remote,
+            src,
+            shapes,
+            origin: format!("{}/{file}", remote.origin),
+        })
+    }
+}
+
+impl TensorSource for RemoteFile<'_> {
+    fn load(&self, name: &str, device: &Device) -> runtime::Result<Tensor> {
+        self.remote.tensor(self.src, name, None, device)
+    }
+    fn names(&self) -> Vec<String> {
+        self.shapes.keys().cloned().collect()
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.shapes.contains_key(name)
+    }
+    fn origin(&self) -> String {
+        self.origin.clone()
+    }
+}
+
+/// A receiver's parts, loaded by the usual loaders over the holder's files.
+fn receive(
+    r: &Remote,
+    spec: &ModelSpec,
+    (dtype, fp8): (DType, bool),
+    (dit, vae): (bool, bool),
+    device: Device,
+    layout: &DitLayout,
+) -> anyhow::Result<Parts> {
+    let t0 = Instant::now();
+    let (vae, encoders) = if vae {
+        let w2v_origin = format!("{}/{}", r.origin, ckpt::WAV2VEC2_DIR);
+        let json: serde_json::Value = serde_json::from_slice(&r.bytes(&format!("file\t{WAV2VEC2_CONFIG}"))?)
+            .with_context(|| format!("{w2v_origin}/config.json"))?;
+        let cfg = Wav2Vec2Config::from_hf_json(&json, &format!("{w2v_origin}/config.json"))?;
+        let w2v_src = RemoteFile::new(r, Src::Wav2vec2, ckpt::WAV2VEC2_DIR)?;
+        let w2v = Wav2Vec2::load(&VarsRoot::new(&w2v_src, DType::F32, device), cfg)
+            .with_context(|| format!("wav2vec2 {w2v_origin}"))?;
+        let tok_origin = format!("{}/{}/tokenizer.json", r.origin, ckpt::TOKENIZER_DIR);
+        let tokenizer = T5Tokenizer::from_bytes(
+            &r.bytes(&format!("file\t{TOKENIZER_JSON}"))?,
+            &tok_origin,
+            spec.dit.text_len as usize,
+        )?;
+        let t5 = RemoteFile::new(r, Src::T5, ckpt::T5_FILE)?;
+        let vae = RemoteFile::new(r, Src::Vae, ckpt::VAE_FILE)?;
+        let t5_vocab = t5
+            .shapes
+            .get(ckpt::T5_VOCAB_TENSOR)
+            .and_then(|s| s.first().copied())
+            .unwrap_or(0);
+        let files = EncoderFiles {
+            wav2vec2: w2v,
+            wav2vec2_origin: w2v_origin,
+            tokenizer,
+            t5: &t5,
+            t5_vocab,
+            vae: &vae,
+        };
+        let (v, e) = ckpt::encoders(files, spec, dtype, device)?;
+        (Some(v), Some(e))
+    } else {
+        (None, None)
+    };
+    let dit = if dit {
+        let cfg = WanConfig::from(spec);
+        let src = RemoteDit(r);
+        let m = CausalWanModelS2V::load_rank(&cfg, &VarBuilder::fetched(&src, dtype, device), layout)?;
+        Some(ckpt::quantized(m, fp8)?)
+    } else {
+        None
+    };
+    let (n, bytes) = r.got.lock().map(|g| *g).unwrap_or_default();
+    log!(
+        "received its weights from {}: {n} tensors, {:.1} MB in {:.1} s",
+        r.origin,
+        bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(Parts { dit, vae, encoders })
+}
