@@ -371,6 +371,7 @@ impl pb::worker_server::Worker for WorkerService {
                 dir: model.ckpt_dir.into(),
                 lora: (!model.lora_path.is_empty()).then(|| model.lora_path.into()),
                 fp8: model.dtype == "fp8",
+                from_rank0: model.weights_from_rank0,
             }),
             parts,
             topology,

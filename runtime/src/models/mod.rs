@@ -9,4 +9,4 @@ pub mod vars;
 pub mod wan;
 pub mod wav2vec2;
 
-pub use var_builder::VarBuilder;
+pub use var_builder::{FetchWeights, VarBuilder};

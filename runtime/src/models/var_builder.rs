@@ -4,8 +4,18 @@
 use std::collections::BTreeMap;
 
 use crate::memory::{Category, scope};
-use crate::weights::{Checkpoint, CheckpointErrorKind, Lora, RandomWeights, ShardHint};
+use crate::weights::{Checkpoint, CheckpointErrorKind, Lora, RandomWeights, ShardHint, StDType};
 use crate::{DType, Device, Error, Result, Tensor};
+
+/// A checkpoint another rank holds (weights read once and sent over the communicator to a
+/// rank whose node lacks the folder): each tensor is fetched by name, as the holder's
+/// [`VarBuilder`] reads it before the dtype conversion ([`VarBuilder::stored`]).
+pub trait FetchWeights: Sync + std::fmt::Debug {
+    /// Tensor `name` in its stored dtype with the LoRA merged, only `hint`'s part.
+    fn fetch(&self, name: &str, hint: Option<ShardHint>, device: &Device) -> Result<Tensor>;
+    /// Where the tensors come from, for error messages.
+    fn origin(&self) -> String;
+}
 
 /// Where the tensors come from.
 #[derive(Debug, Clone, Copy)]
@@ -16,6 +26,8 @@ enum Source<'a> {
     /// Tensors already in memory by full name, LoRA merged and in the model dtype (an FSDP
     /// unit after its all-gather); sharded ones are this rank's part.
     Parts(&'a BTreeMap<String, Tensor>),
+    /// Fetched from the rank that holds the checkpoint (LoRA merged there).
+    Fetch(&'a dyn FetchWeights),
 }
 
 /// Loads tensors of one checkpoint (with an optional LoRA merged at load) in `dtype`.
@@ -64,11 +76,58 @@ impl<'a> VarBuilder<'a> {
         }
     }
 
+    /// Tensors fetched from the rank that holds the checkpoint: `get` and `get_sharded` check
+    /// the shapes that arrive and convert them to `dtype`.
+    pub fn fetched(src: &'a dyn FetchWeights, dtype: DType, device: Device) -> Self {
+        Self {
+            src: Source::Fetch(src),
+            lora: None,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    /// What a holder sends for [`FetchWeights::fetch`]: tensor `name` of `ckpt` in its stored
+    /// dtype, `lora` merged, only `hint`'s part (the same reads and merge as a local load, so
+    /// a fetched model equals a locally read one).
+    pub fn stored(
+        ckpt: &Checkpoint,
+        lora: Option<&Lora>,
+        name: &str,
+        hint: Option<ShardHint>,
+        device: Device,
+    ) -> Result<Tensor> {
+        let info = ckpt.info(name).ok_or_else(|| Error::Checkpoint {
+            path: ckpt.dir().display().to_string(),
+            kind: CheckpointErrorKind::MissingTensor {
+                name: name.to_string(),
+                expected: Vec::new(),
+                more: 0,
+            },
+        })?;
+        let StDType::Float(dtype) = info.dtype else {
+            return Err(Error::Checkpoint {
+                path: ckpt.dir().display().to_string(),
+                kind: CheckpointErrorKind::UnsupportedDType {
+                    name: name.to_string(),
+                    dtype: "I64".into(),
+                },
+            });
+        };
+        let vb = VarBuilder::new(ckpt, lora, dtype, device);
+        match hint {
+            Some(h) => vb.get_sharded(name, &info.shape, h),
+            None => vb.get(name, &info.shape),
+        }
+    }
+
     fn origin(&self) -> String {
         match self.src {
             Source::Checkpoint(c) => c.dir().display().to_string(),
             Source::Random(_) => "<random weights>".into(),
             Source::Parts(_) => "<gathered parts>".into(),
+            Source::Fetch(f) => f.origin(),
         }
     }
 
@@ -136,6 +195,7 @@ impl<'a> VarBuilder<'a> {
             Source::Checkpoint(c) => c.tensor(&full, &self.device)?,
             Source::Random(r) => r.tensor(&full, &self.device)?,
             Source::Parts(p) => return self.part(p, &full, shape),
+            Source::Fetch(f) => f.fetch(&full, None, &self.device)?,
         };
         if stored.dims() != shape {
             return Err(Error::Checkpoint {
@@ -179,18 +239,22 @@ impl<'a> VarBuilder<'a> {
                 let _g = scope(Category::Weights);
                 return crate::parallel::shard_of(&t, hint);
             }
-            Source::Parts(p) => {
-                let mut part = shape.to_vec();
-                match part.get_mut(hint.dim) {
-                    Some(d) if hint.world > 0 && d.is_multiple_of(hint.world) => *d /= hint.world,
-                    _ => {
-                        return Err(Error::invalid(
-                            "VarBuilder",
-                            format!("{full}: {shape:?} does not split {} ways", hint.world),
-                        ));
-                    }
+            Source::Parts(p) => return self.part(p, &full, &part_shape(&full, shape, hint)?),
+            Source::Fetch(f) => {
+                let part = part_shape(&full, shape, hint)?;
+                let t = f.fetch(&full, Some(hint), &self.device)?;
+                if t.dims() != part {
+                    return Err(Error::Checkpoint {
+                        path: self.origin(),
+                        kind: CheckpointErrorKind::ShapeMismatch {
+                            name: full,
+                            expected: part,
+                            got: t.dims().to_vec(),
+                        },
+                    });
                 }
-                return self.part(p, &full, &part);
+                let _g = scope(Category::Weights);
+                return t.to_dtype(self.dtype);
             }
         };
         let got = ckpt
@@ -215,4 +279,19 @@ impl<'a> VarBuilder<'a> {
         };
         merged.unwrap_or(stored).to_dtype(self.dtype)
     }
+}
+
+/// The shape of `hint`'s part of a tensor of `shape`.
+fn part_shape(full: &str, shape: &[usize], hint: ShardHint) -> Result<Vec<usize>> {
+    let mut part = shape.to_vec();
+    match part.get_mut(hint.dim) {
+        Some(d) if hint.world > 0 && d.is_multiple_of(hint.world) => *d /= hint.world,
+        _ => {
+            return Err(Error::invalid(
+                "VarBuilder",
+                format!("{full}: {shape:?} does not split {} ways", hint.world),
+            ));
+        }
+    }
+    Ok(part)
 }

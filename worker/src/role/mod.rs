@@ -15,6 +15,7 @@
 pub mod ckpt;
 pub mod dit;
 pub mod random;
+pub mod scatter;
 pub mod topology;
 pub mod vae;
 
@@ -215,7 +216,7 @@ impl Loaded {
     ) -> Result<Self, crate::compute::Failure> {
         let spec = model_spec(name).map_err(|e| (proto::ErrorKind::BadInput, format!("{e:#}")))?;
         let validated = match ckpt {
-            Some(req) => Some(ckpt::validate(req, &spec).map_err(load_failure)?),
+            Some(req) => Some(scatter::Plan::agree(req, &spec, comm, device)?),
             None => None,
         };
         let layout = if topo.split_stages() {
@@ -231,8 +232,7 @@ impl Loaded {
         };
         let _w = runtime::memory::scope(runtime::memory::Category::Weights);
         if let (Some(v), Some(req)) = (&validated, ckpt) {
-            let parts = ckpt::load(v, &spec, (dtype, req.fp8), (dit, vae), device, &layout)
-                .map_err(load_failure)?;
+            let parts = v.load(req, &spec, dtype, (dit, vae), (device, comm), &layout)?;
             return Ok(Loaded {
                 spec,
                 dtype,

@@ -140,8 +140,7 @@ impl Plan {
                 Some(Err(e)) => Some(format!("{e:#}")),
                 _ => None,
             };
-            let msg = broadcast_text(comm, bad, own.as_deref(), device)
-                .map_err(|e| failure(&e))?;
+            let msg = broadcast_text(comm, bad, own.as_deref(), device).map_err(|e| failure(&e))?;
             return Err(load_failure(own.unwrap_or_else(|| {
                 format!("{msg} (rank {bad} reads the checkpoint for this rank)")
             })));
@@ -156,9 +155,7 @@ impl Plan {
                 ))),
             };
         };
-        let receivers: Vec<usize> = (0..comm.world())
-            .filter(|r| !holders.contains(r))
-            .collect();
+        let receivers: Vec<usize> = (0..comm.world()).filter(|r| !holders.contains(r)).collect();
         Ok(match checked {
             Some(Ok(v)) if rank == server && !receivers.is_empty() => {
                 Plan::Serve(Box::new(v), receivers)
@@ -176,49 +173,58 @@ impl Plan {
         spec: &ModelSpec,
         dtype: DType,
         parts: (bool, bool),
-        device: Device,
-        comm: Option<&dyn Comm>,
+        (device, comm): (Device, Option<&dyn Comm>),
         layout: &DitLayout,
     ) -> Result<Parts, Failure> {
         let local = |v: &Validated| {
             ckpt::load(v, spec, (dtype, req.fp8), parts, device, layout).map_err(load_failure)
         };
-        let comm = match (self, comm) {
-            (Plan::Local(v), _) => return local(v),
-            (_, Some(c)) => c,
-            (_, None) => return Err(load_failure("receiving weights needs a communicator")),
-        };
-        let usual = comm.timeout();
-        comm.set_timeout(usual.max(LOAD_TIMEOUT));
-        let out = match self {
-            Plan::Serve(v, to) => to
-                .iter()
-                .try_for_each(|&r| serve(comm, v, r, device))
-                .map_err(|e| failure(&e)),
-            Plan::Receive { from } => {
-                let remote = Remote::new(comm, *from, &req.dir, device);
-                let got = receive(&remote, spec, (dtype, req.fp8), parts, device, layout);
-                // Done in any case: the holder goes on to the next receiver.
-                let done = remote.done();
-                let got = got.and_then(|p| done.map(|()| p).map_err(Into::into));
-                comm.set_timeout(usual);
-                return got.map_err(|e| failure(&e));
-            }
-            Plan::Local(_) => Ok(()),
-        };
-        comm.set_timeout(usual);
-        out?;
+        let need = || comm.ok_or_else(|| load_failure("sharing weights needs a communicator"));
         match self {
-            Plan::Serve(v, _) | Plan::Local(v) => local(v),
-            Plan::Receive { .. } => Err(load_failure("a receiving rank has no folder")),
+            Plan::Local(v) => local(v),
+            Plan::Serve(v, to) => {
+                let comm = need()?;
+                with_load_timeout(comm, || {
+                    to.iter().try_for_each(|&r| serve(comm, v, r, device))
+                })
+                .map_err(|e| failure(&e))?;
+                local(v)
+            }
+            Plan::Receive { from } => {
+                let comm = need()?;
+                with_load_timeout(comm, || {
+                    let remote = Remote::new(comm, *from, &req.dir, device);
+                    let got = receive(&remote, spec, (dtype, req.fp8), parts, device, layout);
+                    // Done in any case, so the holder goes on to the next receiver.
+                    let done = remote.done();
+                    let parts = got?;
+                    done?;
+                    Ok(parts)
+                })
+                .map_err(|e| failure(&e))
+            }
         }
     }
+}
+
+/// `f` with the communicator's timeout raised to [`LOAD_TIMEOUT`].
+fn with_load_timeout<T>(
+    comm: &dyn Comm,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let usual = comm.timeout();
+    comm.set_timeout(usual.max(LOAD_TIMEOUT));
+    let out = f();
+    comm.set_timeout(usual);
+    out
 }
 
 /// Every rank's two flags, rank-major.
 fn gather_flags(comm: &dyn Comm, mine: &[f32; 2], device: Device) -> anyhow::Result<Vec<f32>> {
     let t = Tensor::from_vec(mine.to_vec(), 2, &Device::Cpu)?.to_device(&device)?;
-    let all = comm.all_gather(&t, 0).context("agreeing who reads the checkpoint")?;
+    let all = comm
+        .all_gather(&t, 0)
+        .context("agreeing who reads the checkpoint")?;
     Ok(all.to_vec_f32()?)
 }
 
@@ -235,7 +241,7 @@ fn len_of(t: &Tensor) -> runtime::Result<usize> {
         .iter()
         .enumerate()
         .fold(0u64, |n, (i, x)| n | ((*x as u64) << (16 * i)));
-    usize::try_from(n).map_err(|_| Error::invalid("scatter", format!("message of {n} bytes")))
+    usize::try_from(n).map_err(|_| fetch_error(format!("message of {n} bytes")))
 }
 
 fn bytes_tensor(b: &[u8], device: Device) -> runtime::Result<Tensor> {
@@ -334,33 +340,71 @@ fn join(dims: &[usize]) -> String {
         .join(",")
 }
 
-/// The holder's files by request name.
-fn source<'a>(
-    v: &'a Validated,
-    w2v: &'a OnceLock<Box<dyn TensorSource>>,
-    src: Src,
-) -> anyhow::Result<&'a dyn TensorSource> {
+/// A tensor file of the holder's folder.
+#[derive(Debug)]
+enum File {
+    Pth(PthFile),
+    St(SafetensorsFile),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum FileRef<'a> {
+    Pth(&'a PthFile),
+    St(&'a SafetensorsFile),
+}
+
+impl FileRef<'_> {
+    fn load(self, name: &str, device: Device) -> runtime::Result<Tensor> {
+        match self {
+            FileRef::Pth(f) => f.tensor(name, &device),
+            FileRef::St(f) => f.tensor(name, &device),
+        }
+    }
+    /// `name\tshape` lines, from the headers only.
+    fn listing(self) -> String {
+        let line = |n: &str, s: &[usize]| format!("{n}\t{}\n", join(s));
+        match self {
+            FileRef::Pth(f) => f
+                .names()
+                .filter_map(|n| f.info(n).map(|i| line(n, &i.shape)))
+                .collect(),
+            FileRef::St(f) => f
+                .names()
+                .filter_map(|n| f.info(n).map(|i| line(n, &i.shape)))
+                .collect(),
+        }
+    }
+}
+
+/// The holder's files by request name (wav2vec2's opened on first use).
+fn source<'a>(v: &'a Validated, w2v: &'a OnceLock<File>, src: Src) -> anyhow::Result<FileRef<'a>> {
     Ok(match src {
         Src::Dit => anyhow::bail!("the DiT is fetched tensor by tensor, not as a file"),
-        Src::Vae => &v.vae,
-        Src::T5 => &v.t5,
-        Src::Wav2vec2 => match w2v.get() {
-            Some(s) => s.as_ref(),
-            None => {
-                let s = open_wav2vec2(&v.wav2vec2)?;
-                w2v.get_or_init(|| s).as_ref()
+        Src::Vae => FileRef::Pth(&v.vae),
+        Src::T5 => FileRef::Pth(&v.t5),
+        Src::Wav2vec2 => {
+            let f = match w2v.get() {
+                Some(f) => f,
+                None => {
+                    let opened = open_wav2vec2(&v.wav2vec2)?;
+                    w2v.get_or_init(|| opened)
+                }
+            };
+            match f {
+                File::Pth(f) => FileRef::Pth(f),
+                File::St(f) => FileRef::St(f),
             }
-        },
+        }
     })
 }
 
 /// wav2vec2's weights as `Wav2Vec2::load_dir` finds them.
-fn open_wav2vec2(dir: &Path) -> anyhow::Result<Box<dyn TensorSource>> {
+fn open_wav2vec2(dir: &Path) -> anyhow::Result<File> {
     let (st, bin) = (dir.join("model.safetensors"), dir.join("pytorch_model.bin"));
     Ok(if st.exists() {
-        Box::new(SafetensorsFile::open(&st)?)
+        File::St(SafetensorsFile::open(&st)?)
     } else if bin.exists() {
-        Box::new(PthFile::open(&bin)?)
+        File::Pth(PthFile::open(&bin)?)
     } else {
         anyhow::bail!(
             "wav2vec2 {}: neither model.safetensors nor pytorch_model.bin",
@@ -371,7 +415,7 @@ fn open_wav2vec2(dir: &Path) -> anyhow::Result<Box<dyn TensorSource>> {
 
 fn answer(
     v: &Validated,
-    w2v: &OnceLock<Box<dyn TensorSource>>,
+    w2v: &OnceLock<File>,
     req: &str,
     device: Device,
 ) -> anyhow::Result<Answer> {
@@ -390,7 +434,7 @@ fn answer(
             };
             let t = match (src(s)?, hint) {
                 (Src::Dit, h) => VarBuilder::stored(&v.dit, v.lora.as_ref(), name, h, device)?,
-                (other, None) => source(v, w2v, other)?.load(name, &device)?,
+                (other, None) => source(v, w2v, other)?.load(name, device)?,
                 (other, Some(_)) => anyhow::bail!("{} tensors are not sharded", other.name()),
             };
             // fp8 does not travel (the communicators refuse it); f32 holds it exactly.
@@ -400,16 +444,9 @@ fn answer(
                 t
             }))
         }
-        ["names", s] => {
-            let s = source(v, w2v, src(s)?)?;
-            let mut out = String::new();
-            for n in s.names() {
-                let t = s.load(&n, &Device::Cpu);
-                let shape = t.map(|t| join(t.dims()))?;
-                out.push_str(&format!("{n}\t{shape}\n"));
-            }
-            Ok(Answer::Bytes(out.into_bytes()))
-        }
+        ["names", s] => Ok(Answer::Bytes(
+            source(v, w2v, src(s)?)?.listing().into_bytes(),
+        )),
         ["file", f] if *f == TOKENIZER_JSON => {
             let p = v.tokenizer.join("tokenizer.json");
             Ok(Answer::Bytes(
@@ -442,7 +479,10 @@ pub struct Remote<'a> {
 }
 
 fn fetch_error(e: impl std::fmt::Display) -> Error {
-    Error::invalid("fetching weights", e.to_string())
+    Error::InvalidArgument {
+        op: "fetching weights",
+        msg: e.to_string(),
+    }
 }
 
 impl<'a> Remote<'a> {
@@ -457,7 +497,11 @@ impl<'a> Remote<'a> {
     }
 
     /// Sends `req`; the holder's payload after "ok", its message after "err" as an error.
-    fn call(&self, req: &str, then: impl FnOnce(&[u8]) -> runtime::Result<()>) -> runtime::Result<()> {
+    fn call(
+        &self,
+        req: &str,
+        then: impl FnOnce(&[u8]) -> runtime::Result<()>,
+    ) -> runtime::Result<()> {
         let _one = self.got.lock().map_err(|_| Error::LockPoisoned)?;
         send_bytes(self.comm, req.as_bytes(), self.holder, self.device)?;
         let reply = recv_bytes(self.comm, self.holder)?;
@@ -466,12 +510,21 @@ impl<'a> Remote<'a> {
             _ => {
                 let text = String::from_utf8_lossy(&reply);
                 let msg = text.strip_prefix("err\t").unwrap_or(&text);
-                Err(fetch_error(format!("rank {} answered {req:?}: {msg}", self.holder)))
+                Err(fetch_error(format!(
+                    "rank {} answered {req:?}: {msg}",
+                    self.holder
+                )))
             }
         }
     }
 
-    fn tensor(&self, src: Src, name: &str, hint: Option<Shard>, device: &Device) -> runtime::Result<Tensor> {
+    fn tensor(
+        &self,
+        src: Src,
+        name: &str,
+        hint: Option<Shard>,
+        device: &Device,
+    ) -> runtime::Result<Tensor> {
         let mut req = format!("tensor\t{}\t{name}", src.name());
         if let Some(h) = hint {
             req.push_str(&format!("\t{}\t{}\t{}", h.dim, h.rank, h.world));
@@ -519,7 +572,10 @@ fn parse_dims(s: &str) -> runtime::Result<Vec<usize>> {
         return Ok(Vec::new());
     }
     s.split(',')
-        .map(|d| d.parse().map_err(|_| fetch_error(format!("bad shape {s:?}"))))
+        .map(|d| {
+            d.parse()
+                .map_err(|_| fetch_error(format!("bad shape {s:?}")))
+        })
         .collect()
 }
 
@@ -590,8 +646,9 @@ fn receive(
     let t0 = Instant::now();
     let (vae, encoders) = if vae {
         let w2v_origin = format!("{}/{}", r.origin, ckpt::WAV2VEC2_DIR);
-        let json: serde_json::Value = serde_json::from_slice(&r.bytes(&format!("file\t{WAV2VEC2_CONFIG}"))?)
-            .with_context(|| format!("{w2v_origin}/config.json"))?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&r.bytes(&format!("file\t{WAV2VEC2_CONFIG}"))?)
+                .with_context(|| format!("{w2v_origin}/config.json"))?;
         let cfg = Wav2Vec2Config::from_hf_json(&json, &format!("{w2v_origin}/config.json"))?;
         let w2v_src = RemoteFile::new(r, Src::Wav2vec2, ckpt::WAV2VEC2_DIR)?;
         let w2v = Wav2Vec2::load(&VarsRoot::new(&w2v_src, DType::F32, device), cfg)
@@ -625,7 +682,8 @@ fn receive(
     let dit = if dit {
         let cfg = WanConfig::from(spec);
         let src = RemoteDit(r);
-        let m = CausalWanModelS2V::load_rank(&cfg, &VarBuilder::fetched(&src, dtype, device), layout)?;
+        let m =
+            CausalWanModelS2V::load_rank(&cfg, &VarBuilder::fetched(&src, dtype, device), layout)?;
         Some(ckpt::quantized(m, fp8)?)
     } else {
         None
@@ -639,3 +697,7 @@ fn receive(
     );
     Ok(Parts { dit, vae, encoders })
 }
+
+#[cfg(test)]
+#[path = "scatter_tests.rs"]
+mod tests;

@@ -47,7 +47,30 @@ impl T5Tokenizer {
                 msg,
             },
         };
-        let mut tok = Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
+        let tok = Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
+        Self::configure(tok, text_len, err)
+    }
+
+    /// As [`T5Tokenizer::from_file`], from the bytes of a `tokenizer.json` (e.g. sent by the
+    /// rank that read it); `origin` names it in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &str, text_len: usize) -> Result<Self> {
+        let err = |msg: String| Error::Checkpoint {
+            path: origin.to_string(),
+            kind: CheckpointErrorKind::Io {
+                file: "tokenizer.json".into(),
+                msg,
+            },
+        };
+        let tok = Tokenizer::from_bytes(bytes).map_err(|e| err(e.to_string()))?;
+        Self::configure(tok, text_len, err)
+    }
+
+    /// Truncation and padding to `text_len` as the reference calls the tokenizer.
+    fn configure(
+        mut tok: Tokenizer,
+        text_len: usize,
+        err: impl Fn(String) -> Error,
+    ) -> Result<Self> {
         let pad_id = tok
             .token_to_id("<pad>")
             .ok_or_else(|| err("no <pad> token".into()))?;
