@@ -45,6 +45,12 @@ pub struct GenerateArgs {
     /// The LiveAvatar LoRA (`liveavatar.safetensors`), merged at load; needs --ckpt_dir.
     #[arg(long = "lora_path_dmd", alias = "lora-path-dmd")]
     pub lora_path_dmd: Option<PathBuf>,
+    /// Only rank 0 reads --ckpt_dir (and the LoRA); every other rank receives the tensors it
+    /// loads from rank 0 over the communicator (for a slow shared filesystem, or nodes without
+    /// the folder). Without it, each rank reads the folder if its node has it and the others
+    /// receive from the lowest rank that has it.
+    #[arg(long = "weights_from_rank0", alias = "weights-from-rank0")]
+    pub weights_from_rank0: bool,
     /// Output MP4.
     #[arg(long = "save_file", alias = "save-file", default_value = "lava.mp4")]
     pub save_file: PathBuf,
@@ -127,6 +133,7 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
         backend: backend(a, &model.name).to_string(),
         model_ref,
         planned_peak: plan.ranks.iter().map(|r| r.peak_bytes).collect(),
+        needs: crate::fit::Need::of(&plan),
         labels: plan.ranks.iter().map(|r| r.role_label.clone()).collect(),
         roles,
         image,
@@ -155,6 +162,8 @@ struct Setup {
     roles: Vec<pb::RankRole>,
     /// The plan's peak prediction and role label of every rank.
     planned_peak: Vec<u64>,
+    /// What the plan assumed of every rank's GPU (checked against the registrations).
+    needs: Vec<crate::fit::Need>,
     labels: Vec<String>,
     image: PathBuf,
     width: u32,
@@ -249,6 +258,7 @@ async fn coordinate(
             layout.len()
         )));
     }
+    crate::fit::check(&regs.values().cloned().collect::<Vec<_>>(), &s.needs)?;
     // Rank 0's communicator bootstrap: the socket rendezvous (CPU) or the NCCL id (CUDA).
     let (rendezvous, nccl_id) = regs
         .get(&0)
@@ -470,6 +480,9 @@ fn model_ref(a: &GenerateArgs) -> Result<pb::ModelRef, String> {
         if a.lora_path_dmd.is_some() {
             return Err("--lora_path_dmd needs --ckpt_dir".into());
         }
+        if a.weights_from_rank0 {
+            return Err("--weights_from_rank0 needs --ckpt_dir".into());
+        }
         if a.plan.fp8 {
             return Err("--fp8 needs --ckpt_dir (random weights are not quantised)".into());
         }
@@ -512,6 +525,7 @@ fn model_ref(a: &GenerateArgs) -> Result<pb::ModelRef, String> {
         name,
         ckpt_dir: dir.display().to_string(),
         lora_path,
+        weights_from_rank0: a.weights_from_rank0,
         ..Default::default()
     })
 }

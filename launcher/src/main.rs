@@ -5,6 +5,7 @@
 
 mod coordinator;
 mod env;
+mod fit;
 mod generate;
 mod plan;
 mod progress;

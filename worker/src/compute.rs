@@ -128,6 +128,16 @@ pub enum Command {
 pub struct Compute {
     tx: mpsc::Sender<Command>,
     join: Option<JoinHandle<()>>,
+    info: DeviceInfo,
+}
+
+/// What the device reported when it was opened (empty on the CPU).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub total_memory_bytes: u64,
+    /// Free after this rank's context was created.
+    pub free_memory_bytes: u64,
 }
 
 impl Compute {
@@ -155,15 +165,21 @@ impl Compute {
                 }
             })
             .map_err(|e| format!("starting the compute thread: {e}"))?;
-        match opened.recv() {
-            Ok(Ok(())) => {}
+        let info = match opened.recv() {
+            Ok(Ok(info)) => info,
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err("the compute thread died while opening the device".into()),
-        }
+        };
         Ok(Compute {
             tx,
             join: Some(join),
+            info,
         })
+    }
+
+    /// The device as it was opened: name and memory.
+    pub fn device_info(&self) -> &DeviceInfo {
+        &self.info
     }
 
     /// A sender for the control plane's handlers.
@@ -198,13 +214,21 @@ fn runtime_device(device: Device) -> runtime::Device {
 }
 
 /// Creates the device's context (CUDA: context, stream, kernels) so that a missing library or
-/// GPU stops the worker before it registers.
-fn open(device: Device) -> Result<(), String> {
+/// GPU stops the worker before it registers; reads its name and memory for the launcher's
+/// check against the plan.
+fn open(device: Device) -> Result<DeviceInfo, String> {
     match runtime_device(device) {
-        runtime::Device::Cpu => Ok(()),
-        runtime::Device::Cuda(o) => runtime::Device::cuda_if_available(o)
-            .map(|_| ())
-            .map_err(|e| format!("opening cuda:{o}: {e}")),
+        runtime::Device::Cpu => Ok(DeviceInfo::default()),
+        runtime::Device::Cuda(o) => {
+            runtime::Device::cuda_if_available(o).map_err(|e| format!("opening cuda:{o}: {e}"))?;
+            let (name, total, free) = runtime::device::cuda::memory_info(o)
+                .map_err(|e| format!("reading cuda:{o}'s memory: {e}"))?;
+            Ok(DeviceInfo {
+                name,
+                total_memory_bytes: total,
+                free_memory_bytes: free,
+            })
+        }
     }
 }
 

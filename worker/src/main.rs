@@ -148,6 +148,7 @@ fn run(args: Args) -> anyhow::Result<u8> {
     let boot = Bootstrap {
         rendezvous_port,
         nccl_id,
+        device: compute.device_info().clone(),
     };
     let result = runtime.block_on(serve(&args, device, boot, shared, stop_rx));
     // Give the compute thread a moment to leave its loop; it holds no state worth waiting for.
@@ -164,6 +165,8 @@ struct Bootstrap {
     rendezvous_port: Option<u16>,
     /// The NCCL unique id (CUDA ranks).
     nccl_id: Vec<u8>,
+    /// The opened device's name and memory (empty on the CPU).
+    device: compute::DeviceInfo,
 }
 
 #[cfg(feature = "cuda")]
@@ -223,7 +226,13 @@ async fn serve(
         });
     let server = tokio::spawn(server);
 
-    let registration = register(args, device, &address, rendezvous, boot.nccl_id);
+    let registration = register(
+        args,
+        (device, &boot.device),
+        &address,
+        rendezvous,
+        boot.nccl_id,
+    );
     let reply = tokio::select! {
         reply = registration => reply?,
         stop = wait_stop(&mut stop_rx) => return Ok(stop),
@@ -263,7 +272,7 @@ async fn wait_stop(rx: &mut tokio::sync::watch::Receiver<Option<Stop>>) -> Stop 
 /// Registers with the launcher, retrying while it is not reachable yet.
 async fn register(
     args: &Args,
-    device: Device,
+    (device, info): (Device, &compute::DeviceInfo),
     address: &str,
     comm_rendezvous_address: String,
     nccl_unique_id: Vec<u8>,
@@ -281,9 +290,9 @@ async fn register(
         device: Some(pb::DeviceInfo {
             kind: device.kind().into(),
             ordinal: device.ordinal(),
-            name: String::new(),
-            total_memory_bytes: 0,
-            free_memory_bytes: 0,
+            name: info.name.clone(),
+            total_memory_bytes: info.total_memory_bytes,
+            free_memory_bytes: info.free_memory_bytes,
         }),
         // Rank 0 only: the NCCL id (CUDA) or the socket rendezvous (CPU).
         nccl_unique_id,

@@ -240,6 +240,14 @@ pub fn synchronize(ordinal: usize) -> Result<()> {
     dev(ordinal)?.stream.synchronize().map_err(ce)
 }
 
+/// The GPU's name and its (total, free) memory in bytes, free as the driver reports it now.
+pub fn memory_info(ordinal: usize) -> Result<(String, u64, u64)> {
+    let d = dev(ordinal)?;
+    let name = d.ctx.name().map_err(ce)?;
+    let (free, total) = d.ctx.mem_get_info().map_err(ce)?;
+    Ok((name, total as u64, free as u64))
+}
+
 pub(crate) fn ce(e: cudarc::driver::DriverError) -> Error {
     Error::Cuda(e.to_string())
 }

@@ -21,6 +21,10 @@ pub fn synchronize(_ordinal: usize) -> Result<()> {
     Err(Error::CudaNotCompiled)
 }
 
+pub fn memory_info(_ordinal: usize) -> Result<(String, u64, u64)> {
+    Err(Error::CudaNotCompiled)
+}
+
 pub(crate) fn uninit(_: &Device, _: usize, _: DType) -> Result<CudaStorage> {
     Err(Error::CudaNotCompiled)
 }
