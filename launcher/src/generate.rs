@@ -96,7 +96,7 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
         eprintln!("lava generate: --image is required");
         return ExitCode::from(exit::BAD_INPUT);
     };
-    let (layout, resolution, model, plan) = match plan_for_generate(&a.plan) {
+    let (layout, resolution, model, plan) = match plan_for_generate(&a.plan, a.ckpt_dir.is_some()) {
         Ok(v) => v,
         Err(code) => return ExitCode::from(code),
     };

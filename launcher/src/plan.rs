@@ -385,18 +385,23 @@ fn json(v: &serde_json::Value) -> String {
         .unwrap_or_else(|e| format!("{{\"status\":\"error\",\"error\":\"{e}\"}}"))
 }
 
-/// `lava generate`'s pre-launch check: the explicit layout of `a` planned at `a`'s size.
-/// Prints the plan; `Err` is the exit code (bad input or infeasible, message printed), and
-/// then nothing may be spawned.
+/// `lava generate`'s pre-launch check: the explicit layout of `a` planned at `a`'s size, with
+/// the encoders where the workers run them (`encoders`: a checkpoint run; without one no
+/// encoder runs). Prints the plan; `Err` is the exit code (bad input or infeasible, message
+/// printed), and then nothing may be spawned.
 pub fn plan_for_generate(
     a: &PlanArgs,
+    encoders: bool,
 ) -> Result<(Layout, Resolution, ModelSpec, planner::Plan), u8> {
     let fail = |e: PlanError| {
         eprintln!("lava generate: {e}");
         EXIT_BAD_INPUT
     };
     let p = parse_common(a).map_err(fail)?;
-    let layout = explicit_layout(a, &p).map_err(fail)?;
+    let mut layout = explicit_layout(a, &p).map_err(fail)?;
+    if !encoders {
+        layout.t5 = T5Placement::Absent;
+    }
     let req = Request::new(
         p.model.clone(),
         p.gpus.clone(),

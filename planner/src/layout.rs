@@ -42,6 +42,9 @@ pub enum T5Placement {
     One,
     /// On the host CPU; nothing on the GPUs.
     Cpu,
+    /// No text or audio encoder runs: a run without a checkpoint derives the text context and
+    /// the audio features (`lava generate` without `--ckpt_dir`).
+    Absent,
 }
 
 /// A complete parallel layout.
@@ -231,10 +234,12 @@ pub fn colocated_vae_rank(layout: &Layout) -> u64 {
     stage_base + (layout.pp - 1) * per_pp
 }
 
-/// The rank that hosts the text and audio encoders under `T5Placement::One`.
+/// The rank that hosts the text and audio encoders under `T5Placement::One`: the decoding rank
+/// (the VAE rank, or the rank hosting the co-located VAE), which encodes once and sends the
+/// results to the DiT ranks, as `lava generate`'s workers do.
 pub fn encoder_rank(layout: &Layout) -> u64 {
     match layout.vae {
         VaePlacement::Dedicated => layout.world() - 1,
-        VaePlacement::Colocated => 0,
+        VaePlacement::Colocated => colocated_vae_rank(layout),
     }
 }

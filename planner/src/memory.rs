@@ -527,7 +527,7 @@ pub fn rank_memory(
             let has_t5 = match layout.t5 {
                 T5Placement::Every => true,
                 T5Placement::One => rank == enc_rank,
-                T5Placement::Cpu => false,
+                T5Placement::Cpu | T5Placement::Absent => false,
             };
             if has_t5 {
                 m.push(Component::T5Weights, Phase::Resident, p.t5 * BF16, "bf16, resident");

@@ -364,6 +364,7 @@ pub fn describe(l: &Layout) -> String {
         T5Placement::Every => "T5 on every GPU".into(),
         T5Placement::One => "T5 on one rank".into(),
         T5Placement::Cpu => "T5 on CPU".to_string(),
+        T5Placement::Absent => "no encoders".to_string(),
     });
     if l.offload {
         parts.push("blocks offloaded".into());

@@ -301,14 +301,16 @@ pub fn flags(p: &Plan) -> String {
     if l.fp8 {
         f.push("--fp8".into());
     }
-    f.push(format!(
-        "--t5 {}",
-        match l.t5 {
-            crate::T5Placement::Every => "every",
-            crate::T5Placement::One => "one",
-            crate::T5Placement::Cpu => "cpu",
-        }
-    ));
+    // No flag selects Absent: it follows from running without a checkpoint.
+    let t5 = match l.t5 {
+        crate::T5Placement::Every => Some("every"),
+        crate::T5Placement::One => Some("one"),
+        crate::T5Placement::Cpu => Some("cpu"),
+        crate::T5Placement::Absent => None,
+    };
+    if let Some(t5) = t5 {
+        f.push(format!("--t5 {t5}"));
+    }
     if l.offload {
         f.push("--offload_model".into());
     }

@@ -149,7 +149,8 @@ pub fn estimate(
     let t5_flops = 2.0 * crate::params::t5_params(&spec.t5) as f64 * spec.dit.text_len as f64;
     let t5_s = match layout.t5 {
         T5Placement::Cpu => t5_flops / (CPU_TFLOPS * 1e12),
-        _ => t5_flops / (bf16 * GEMM_EFFICIENCY),
+        T5Placement::Absent => 0.0,
+        T5Placement::Every | T5Placement::One => t5_flops / (bf16 * GEMM_EFFICIENCY),
     };
     let encode_frames = 1 + spec.dit.motion_frames;
     let encode_s = vae_decode_flops(spec, g.height, g.width) / spec.vae.temporal_stride as f64

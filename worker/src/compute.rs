@@ -303,9 +303,14 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
                 reply,
             } => {
                 tracker.reset_peak();
+                // One rank alone has no communicator; the solo group answers every collective.
+                let solo = runtime::parallel::solo();
                 let outcome = match (&model, &comm) {
                     (Some(m), Some((c, _))) => m
                         .generate(c.as_ref(), &topology, &job, frames)
+                        .map(|g| (g, peak(&tracker))),
+                    (Some(m), None) => m
+                        .generate(solo.as_ref(), &topology, &job, frames)
                         .map(|g| (g, peak(&tracker))),
                     _ => Err((
                         ErrorKind::WrongState,
