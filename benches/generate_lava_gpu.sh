@@ -57,7 +57,7 @@ s2v=(--model s2v-14b --backend cuda --size '704*384')
 case $MODE in
 smoke)
   step tiny1 120 --model tiny --backend cuda --gpus 1xH100 --size '128*64' --num_clip 2
-  step s2v1 300 "${s2v[@]}" --gpus "${ngpu}xH100" --num_gpus_dit 1 --enable_vae_parallel false --num_clip 1
+  step s2v1 300 --model s2v-14b --backend cuda --size '480*256' --gpus 1xH100 --num_gpus_dit 1 --enable_vae_parallel false --num_clip 2
   ;;
 multi)
   step single 200 "${s2v[@]}" --gpus 1xH200 --num_clip 3
