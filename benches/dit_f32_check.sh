@@ -8,11 +8,7 @@ set -uo pipefail
 BIN=${1:?binary folder}
 LOG_DIR=${2:?log folder}
 mkdir -p "$LOG_DIR"
-site=$(python3 -c 'import site;print(site.getsitepackages()[0])')
-shim=/tmp/lava-cuda-shim
-mkdir -p "$shim"
-ln -sf "$(ls "$site"/nvidia/cu*/lib/libcublas.so.* "$site"/nvidia/cublas/lib/libcublas.so.* 2>/dev/null | head -1)" "$shim/libcublas.so"
-export LD_LIBRARY_PATH=$shim:$(ls -d "$site"/nvidia/*/lib | tr '\n' :)${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/device_env.sh"
 echo "== PyTorch reference, f32"
 PYTHONUNBUFFERED=1 python3 tests/reference/bench_ref.py --dtype f32 --hash-seed 0 --fill-ring \
   --warmup 0 --iters 1 --dump "$LOG_DIR/torch_f32_out.f32" 2>&1 | tee "$LOG_DIR/torch_f32.txt"

@@ -18,13 +18,7 @@ set -u
 BIN=${1:?binary folder}
 OUT=${2:?output folder}/dit
 mkdir -p "$OUT"
-site=$(python3 -c 'import site;print(site.getsitepackages()[0])')
-shim=/tmp/lava-cuda-shim
-mkdir -p "$shim"
-ln -sf "$(ls "$site"/nvidia/nccl/lib/libnccl.so.2)" "$shim/libnccl.so"
-ln -sf "$(ls "$site"/nvidia/cu*/lib/libcublas.so.* "$site"/nvidia/cublas/lib/libcublas.so.* 2>/dev/null | head -1)" "$shim/libcublas.so"
-export LD_LIBRARY_PATH=$shim:$(ls -d "$site"/nvidia/*/lib | tr '\n' :)${LD_LIBRARY_PATH:-}
-export NCCL_NVLS_ENABLE=0
+source "$(dirname "$0")/device_env.sh"
 unpack=$(mktemp -d)
 for f in "$BIN"/*.gz; do
   [ -e "$f" ] || continue

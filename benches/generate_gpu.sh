@@ -13,14 +13,7 @@ BIN=${1:?binary folder}
 OUT=${2:?output folder}
 LOG="$OUT/multi"
 mkdir -p "$LOG"
-export NCCL_NVLS_ENABLE=0
-site=$(python3 -c 'import site;print(site.getsitepackages()[0])')
-shim=/tmp/lava-cuda-shim
-mkdir -p "$shim"
-# pip's NCCL ships only libnccl.so.2 and cudarc looks for libnccl.so (and libcublas.so).
-ln -sf "$(ls "$site"/nvidia/nccl/lib/libnccl.so.2)" "$shim/libnccl.so"
-ln -sf "$(ls "$site"/nvidia/cu*/lib/libcublas.so.* "$site"/nvidia/cublas/lib/libcublas.so.* 2>/dev/null | head -1)" "$shim/libcublas.so"
-export LD_LIBRARY_PATH=$shim:$(ls -d "$site"/nvidia/*/lib | tr '\n' :)${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/device_env.sh"
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader

@@ -8,14 +8,7 @@ set -uo pipefail
 BIN=${1:?binary folder}
 LOG_DIR=${2:?log folder}
 mkdir -p "$LOG_DIR"
-export NCCL_NVLS_ENABLE=0
-site=$(python3 -c 'import site;print(site.getsitepackages()[0])')
-shim=/tmp/lava-cuda-shim
-mkdir -p "$shim"
-# pip's NCCL ships only libnccl.so.2 and cudarc looks for libnccl.so (and libcublas.so).
-ln -sf "$(ls "$site"/nvidia/nccl/lib/libnccl.so.2)" "$shim/libnccl.so"
-ln -sf "$(ls "$site"/nvidia/cu*/lib/libcublas.so.* "$site"/nvidia/cublas/lib/libcublas.so.* 2>/dev/null | head -1)" "$shim/libcublas.so"
-export LD_LIBRARY_PATH=$shim:$(ls -d "$site"/nvidia/*/lib | tr '\n' :)${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/device_env.sh"
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"

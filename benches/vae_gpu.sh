@@ -28,14 +28,9 @@ if ls "$BIN"/*.xz "$BIN"/tests/*.xz >/dev/null 2>&1; then
   done
   BIN=/tmp/lava-vae-bin
 fi
-site=$(python3 -c 'import site;print(site.getsitepackages()[0])')
-shim=/tmp/lava-cuda-shim
-mkdir -p "$shim"
-ln -sf "$(ls "$site"/nvidia/nccl/lib/libnccl.so.2)" "$shim/libnccl.so"
-ln -sf "$(ls "$site"/nvidia/cu*/lib/libcublas.so.* "$site"/nvidia/cublas/lib/libcublas.so.* 2>/dev/null | head -1)" "$shim/libcublas.so"
+source "$(dirname "$0")/device_env.sh"
 # cuDNN first: PyTorch's cudnn 9.19 wheel, before any older copy on the path.
-export LD_LIBRARY_PATH=$shim:$site/nvidia/cudnn/lib:$(ls -d "$site"/nvidia/*/lib | tr '\n' :)${LD_LIBRARY_PATH:-}
-export NCCL_NVLS_ENABLE=0
+export LD_LIBRARY_PATH=$site/nvidia/cudnn/lib:$LD_LIBRARY_PATH
 # The test binaries find their fixtures through the build machine's path.
 if [ ! -e /work/main/tests/fixtures ]; then mkdir -p /work && ln -sfn "$PWD" /work/main; fi
 {
