@@ -53,7 +53,7 @@ smoke)
   step s2v1 300 --model s2v-14b --backend cuda --size '480*256' --gpus 1xH100 --num_gpus_dit 1 --enable_vae_parallel false --num_clip 2
   ;;
 multi)
-  step single 150 "${s2v[@]}" --gpus 1xH200 --num_clip 3
+  step single 150 "${s2v[@]}" --gpus 1xH200 --num_gpus_dit 1 --enable_vae_parallel false --num_clip 3
   step tpp4 180 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --enable_vae_parallel false --num_clip 3
   step tp4 180 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --tp 4 --enable_vae_parallel false --num_clip 3
   echo "== latents against the one-GPU run" | tee -a "$LOG/steps.txt"
