@@ -63,8 +63,8 @@ fn need(path: &Path, what: &str, dir: bool) -> Result<()> {
     Ok(())
 }
 
-/// Open and check the whole folder against `spec` (every rank does this, so a bad folder
-/// fails everywhere with the same message).
+/// Open and check the whole folder against `spec` (every rank that reads it does this; the
+/// first failure fails every rank with its message, [`super::scatter::Plan::agree`]).
 pub fn validate(req: &CkptRequest, spec: &ModelSpec) -> Result<Validated> {
     let cfg = WanConfig::from(spec);
     let dit = Checkpoint::open(&req.dir)?;
