@@ -5,7 +5,10 @@
 //! `--lora_path_dmd`. The run writes an MP4 (ffprobe-checked); a missing shard, a truncated
 //! shard, a mis-shaped tensor and a LoRA for another model each end the job with the
 //! load-failure exit code (4) and a message naming the file or tensor; a folder without an
-//! index is refused by the launcher (bad input, 2) before any rank starts.
+//! index is refused by the launcher (bad input, 2) before any rank starts. With
+//! `--weights_from_rank0` only rank 0 reads the folder, the VAE rank receives its files over
+//! the communicator and the latents are the local read's; a broken folder then fails the
+//! receiving rank too, with rank 0's message.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -96,17 +99,23 @@ fn edit_header(path: &Path, edit: impl Fn(&str, &mut serde_json::Value)) {
     std::fs::write(path, out).unwrap();
 }
 
-fn generate(dir: &Path, lora: Option<&Path>, out: &Path) -> (Output, String) {
+/// One DiT rank and a VAE rank.
+const DIT_AND_VAE: [&str; 5] = [
+    "--gpus",
+    "2x24GB",
+    "--num_gpus_dit",
+    "1",
+    "--enable_vae_parallel",
+];
+
+/// `lava generate` on the tiny checkpoint with `args` (the layout and more).
+fn generate_with(dir: &Path, lora: Option<&Path>, out: &Path, args: &[&str]) -> (Output, String) {
     let mut cmd = Command::new(bin_dir().join("lava"));
     cmd.arg("generate")
+        .args(args)
         .args([
-            "--gpus",
-            "2x24GB",
             "--model",
             "tiny",
-            "--num_gpus_dit",
-            "1",
-            "--enable_vae_parallel",
             "--size",
             "128*64",
             "--image",
@@ -134,12 +143,26 @@ fn generate(dir: &Path, lora: Option<&Path>, out: &Path) -> (Output, String) {
     (run, log)
 }
 
+/// The run writes an MP4; run again with `--weights_from_rank0` (only rank 0 reads the folder
+/// and the LoRA, the VAE rank receives the VAE, umT5, the tokenizer and wav2vec2 from it), it
+/// gives the same final latents.
 #[test]
 fn generate_from_a_checkpoint_folder_writes_an_mp4() {
     let (dir, lora) = tiny_folder("ok");
-    let out = dir.parent().unwrap().join("out.mp4");
-    let (run, log) = generate(&dir, Some(&lora), &out);
+    let root = dir.parent().unwrap().to_path_buf();
+    let out = root.join("out.mp4");
+    let with_latents = |tag: &str, extra: &[&str]| -> (Output, String, PathBuf) {
+        let latents = root.join(format!("{tag}.f32"));
+        let mut args: Vec<&str> = DIT_AND_VAE.to_vec();
+        args.push("--save_latents");
+        args.push(latents.to_str().unwrap());
+        args.extend(extra);
+        let (run, log) = generate_with(&dir, Some(&lora), &root.join(format!("{tag}.mp4")), &args);
+        (run, log, latents)
+    };
+    let (run, log, local) = with_latents("out", &[]);
     assert!(run.status.success(), "{log}");
+    assert!(!log.contains("received its weights"), "{log}");
     assert!(
         log.contains("lava: block 3 (clip 0): frames 45/45"),
         "{log}"
@@ -169,15 +192,32 @@ fn generate_from_a_checkpoint_folder_writes_an_mp4() {
     assert_eq!(video["nb_read_frames"], "45");
     assert!(video["width"].as_u64().unwrap() > 0);
     assert!(streams.iter().any(|s| s["codec_type"] == "audio"));
-    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+    let (run, log, received) = with_latents("rank0", &["--weights_from_rank0"]);
+    assert!(run.status.success(), "{log}");
+    assert!(
+        log.contains("[rank 0 dit] sent rank 1 its weights"),
+        "{log}"
+    );
+    assert!(
+        log.contains("[rank 1 vae] received its weights from rank 0:"),
+        "{log}"
+    );
+    let want = read_f32(&local);
+    assert!(!want.is_empty() && want.iter().any(|v| *v != 0.0));
+    assert_eq!(read_f32(&received), want);
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// Runs a broken folder: exit `code`, the log names `what`, and no rank got to generating.
 fn refused(name: &str, code: i32, what: &str, breaks: impl Fn(&Path, &Path)) {
+    refused_with(name, &DIT_AND_VAE, code, what, breaks);
+}
+
+fn refused_with(name: &str, args: &[&str], code: i32, what: &str, breaks: impl Fn(&Path, &Path)) {
     let (dir, lora) = tiny_folder(name);
     breaks(&dir, &lora);
     let out = dir.parent().unwrap().join("out.mp4");
-    let (run, log) = generate(&dir, Some(&lora), &out);
+    let (run, log) = generate_with(&dir, Some(&lora), &out, args);
     assert_eq!(run.status.code(), Some(code), "{log}");
     assert!(log.contains(what), "expected {what:?} in:\n{log}");
     assert!(!log.contains("frames 3/"), "{log}");
@@ -249,4 +289,23 @@ fn folder_without_index_is_refused_by_the_launcher() {
                 .unwrap();
         },
     );
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// With `--weights_from_rank0` a broken folder on rank 0 fails the receiving VAE rank too,
+/// with rank 0's message (load failure, exit 4).
+#[test]
+fn weights_from_rank0_with_a_missing_shard_fails_every_rank() {
+    let mut args = DIT_AND_VAE.to_vec();
+    args.push("--weights_from_rank0");
+    refused_with("rank0-missing", &args, 4, SHARD2, |dir, _| {
+        std::fs::remove_file(dir.join(SHARD2)).unwrap();
+    });
 }
