@@ -131,7 +131,9 @@ impl Plan {
         let checked = holds.then(|| ckpt::validate(req, spec));
         let flag = |b: bool| if b { 1.0f32 } else { 0.0 };
         let mine = [flag(holds), flag(matches!(checked, Some(Err(_))))];
-        let all = gather_flags(comm, &mine, device).map_err(|e| failure(&e))?;
+        // A holder's validation may be slow on a shared filesystem.
+        let all = with_load_timeout(comm, || gather_flags(comm, &mine, device))
+            .map_err(|e| failure(&e))?;
         let holders: Vec<usize> = (0..comm.world()).filter(|&r| all[2 * r] > 0.5).collect();
         if let Some(bad) = (0..comm.world()).find(|&r| all[2 * r + 1] > 0.5) {
             let own = match &checked {
