@@ -255,3 +255,16 @@ fn a_holder_that_dies_is_a_lost_peer() {
     }
     let _ = std::fs::remove_dir_all(dir.parent().unwrap());
 }
+
+/// Message lengths past f32's 2^24 exact integers and every byte value survive the encoding.
+#[test]
+fn message_lengths_and_bytes_round_trip() {
+    for n in [0, 1, 255, 65_536, (1 << 24) + 1, (1 << 40) + 12_345] {
+        assert_eq!(len_of(&len_tensor(n, Device::Cpu).unwrap()).unwrap(), n);
+    }
+    let all: Vec<u8> = (0..=255).collect();
+    assert_eq!(
+        bytes_of(&bytes_tensor(&all, Device::Cpu).unwrap()).unwrap(),
+        all
+    );
+}
