@@ -19,15 +19,16 @@ fn data(name: &str) -> String {
     format!("{}/../media/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The flags of the tiny run: one DiT rank, one VAE rank, planned as two generic 24 GB GPUs.
-fn tiny_flags(gpus: &str, size: &str) -> Vec<String> {
+/// The flags of a tiny run on `gpus` (e.g. "2x24GB"): `dit` DiT ranks (one TPP stage each) and
+/// a VAE rank.
+fn tiny_flags(gpus: &str, dit: &str, size: &str) -> Vec<String> {
     [
         "--gpus",
         gpus,
         "--model",
         "tiny",
         "--num_gpus_dit",
-        "1",
+        dit,
         "--enable_vae_parallel",
         "--size",
         size,
@@ -41,7 +42,7 @@ fn tiny_flags(gpus: &str, size: &str) -> Vec<String> {
 
 #[test]
 fn generate_writes_an_mp4_with_the_planned_size_and_audio() {
-    let flags = tiny_flags("2x24GB", "128*64");
+    let flags = tiny_flags("2x24GB", "1", "128*64");
     let plan = Command::new(bin_dir().join("lava"))
         .arg("plan")
         .args(&flags)
@@ -114,7 +115,7 @@ fn infeasible_plan_starts_nothing() {
     let t0 = Instant::now();
     let run = Command::new(lava)
         .arg("generate")
-        .args(tiny_flags("2x1GB", "1920*1088"))
+        .args(tiny_flags("2x1GB", "1", "1920*1088"))
         .args([
             "--audio",
             &data("speech_44k.mp3"),
@@ -134,18 +135,42 @@ fn infeasible_plan_starts_nothing() {
     assert!(t0.elapsed() < Duration::from_secs(30));
 }
 
-/// SIGKILL of the DiT rank mid-generation ends the whole job within 10 s with the peer-lost
-/// exit code and an error naming the rank, and the VAE rank does not outlive it.
+/// SIGKILL of the DiT rank of a 2-rank job (DiT + VAE rank) mid-generation ends the whole job
+/// within 10 s with the peer-lost exit code and an error naming the rank; the VAE rank does
+/// not outlive it.
 #[test]
 fn killing_a_rank_mid_generation_ends_the_job() {
+    let flags = tiny_flags("2x24GB", "1", "128*64");
+    kill_mid_generation("killed", &flags, 2, 0);
+}
+
+/// The same in a larger job, TPP 4 stages + a VAE rank (5 processes), for a middle DiT stage
+/// (rank 2).
+#[test]
+fn killing_a_middle_stage_of_a_tpp_job_ends_it() {
+    kill_mid_generation("killed-stage", &tiny_flags("5x24GB", "4", SMALL), 5, 2);
+}
+
+/// The same for the VAE rank (rank 4) of TPP 4 stages + a VAE rank: the DiT stages waiting on
+/// it see the lost connection too, but the error must name the rank that died.
+#[test]
+fn killing_the_vae_rank_of_a_tpp_job_ends_it() {
+    kill_mid_generation("killed-vae", &tiny_flags("5x24GB", "4", SMALL), 5, 4);
+}
+
+/// Runs `lava generate` with `flags` (one clip, a job of `world` ranks), SIGKILLs rank `victim`
+/// mid-generation, and checks that the launcher exits within 10 s with peer-lost
+/// (`proto::exit::PEER_LOST`) and an error naming the rank and the signal, and that no worker
+/// (by the pids the launcher printed at registration) outlives it.
+fn kill_mid_generation(name: &str, flags: &[String], world: usize, victim: u32) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     use std::sync::mpsc;
 
-    let out = std::env::temp_dir().join(format!("lava-killed-{}.mp4", std::process::id()));
+    let out = std::env::temp_dir().join(format!("lava-{name}-{}.mp4", std::process::id()));
     let mut child = Command::new(bin_dir().join("lava"))
         .arg("generate")
-        .args(tiny_flags("2x24GB", "128*64"))
+        .args(flags)
         .args(["--audio", &data("speech_44k.mp3"), "--save_file"])
         .arg(&out)
         .stdout(Stdio::piped())
@@ -168,47 +193,65 @@ fn killing_a_rank_mid_generation_ends_the_job() {
     })
     .collect();
     drop(tx);
-    let pid_of = |line: &str, rank: &str| -> Option<i32> {
-        let rest = line.strip_prefix(&format!("lava: rank {rank} registered: "))?;
-        rest.split("pid ").nth(1)?.split(',').next()?.parse().ok()
+    // "lava: rank 3 registered: dit, pid 5678, 127.0.0.1:41234 on host"
+    let pid_of = |line: &str| -> Option<(u32, i32)> {
+        let (rank, rest) = line
+            .strip_prefix("lava: rank ")?
+            .split_once(" registered: ")?;
+        let pid = rest.split("pid ").nth(1)?.split(',').next()?.parse().ok()?;
+        Some((rank.parse().ok()?, pid))
     };
-    let (mut dit, mut vae, mut log) = (None, None, String::new());
+    let mut pids = std::collections::BTreeMap::new();
+    let mut log = String::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-        let line = line.unwrap_or_else(|_| panic!("no generation started:\n{log}"));
-        dit = dit.or_else(|| pid_of(&line, "0"));
-        vae = vae.or_else(|| pid_of(&line, "1"));
+        let line = line.unwrap_or_else(|_| panic!("{name}: the ranks never loaded:\n{log}"));
+        pids.extend(pid_of(&line));
         log.push_str(&line);
         log.push('\n');
-        if line.contains("loaded the built-in tiny model") {
+        // Every rank loaded: the launcher sends Generate to all of them next.
+        if line.starts_with("lava: ") && line.contains(" ranks loaded ") {
             break;
         }
     }
-    let (dit, vae) = (dit.unwrap(), vae.unwrap());
+    assert_eq!(pids.len(), world, "{name}: {pids:?}\n{log}");
+    // Mid-generation: every rank is in its Generate call (the DiT stages wait there for the
+    // decoding rank's reference latents, which take the VAE encoder tens of seconds on CPU).
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: kill(2) on a pid this test's child started.
-    assert_eq!(unsafe { libc::kill(dit, libc::SIGKILL) }, 0);
+    assert_eq!(unsafe { libc::kill(pids[&victim], libc::SIGKILL) }, 0);
     let t0 = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "job still running:\n{log}"
-        );
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("{name}: job still running 10 s after the kill:\n{log}");
+        }
         std::thread::sleep(Duration::from_millis(50));
     };
     for r in readers {
         r.join().unwrap();
     }
     log.extend(rx.try_iter().map(|l| l + "\n"));
-    assert_eq!(status.code(), Some(5), "{log}");
-    assert!(log.contains("rank 0"), "{log}");
-    // SAFETY: signal 0 only checks whether the pid exists.
-    let vae_alive = unsafe { libc::kill(vae, 0) } == 0;
-    assert!(!vae_alive, "the VAE rank outlived the job:\n{log}");
+    let lost = i32::from(proto::exit::PEER_LOST);
+    assert_eq!(status.code(), Some(lost), "{name}:\n{log}");
+    let named = format!("lava: error: rank {victim}: peer-lost: ");
+    assert!(log.contains(&named), "{name}:\n{log}");
+    let died = log.lines().any(|l| {
+        l.starts_with(&format!("lava: rank {victim} (")) && l.contains("died: killed by signal 9")
+    });
+    assert!(died, "{name}:\n{log}");
+    for (rank, pid) in &pids {
+        // SAFETY: signal 0 only checks whether the pid exists.
+        let alive = unsafe { libc::kill(*pid, 0) } == 0;
+        assert!(
+            !alive,
+            "{name}: rank {rank} (pid {pid}) outlived the job:\n{log}"
+        );
+    }
     let _ = std::fs::remove_file(&out);
 }
 
@@ -413,22 +456,29 @@ fn split_stage_layouts_equal_the_single_rank_run() {
     let with = |extra: &[&'static str]| -> Vec<&'static str> {
         dit2.iter().chain(extra).copied().collect()
     };
-    let tpp_tp = [
-        "--gpus",
-        "4x24GB",
-        "--num_gpus_dit",
-        "4",
-        "--tp",
-        "2",
-        "--enable_vae_parallel",
-        "false",
-    ];
+    // 2 TPP stages over 4 DiT ranks, the VAE co-located on the last stage's first rank.
+    let tpp2 = |extra: &[&'static str]| -> Vec<&'static str> {
+        [
+            "--gpus",
+            "4x24GB",
+            "--num_gpus_dit",
+            "4",
+            "--enable_vae_parallel",
+            "false",
+        ]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect()
+    };
     for (name, layout, clips) in [
         ("tp2", with(&["--tp", "2"]), 1),
         ("sp2", with(&["--ulysses_size", "2"]), 1),
         ("pp2", with(&["--pp", "2"]), 1),
         ("fsdp2", with(&["--ulysses_size", "2", "--fsdp"]), 1),
-        ("tpp2xtp2", tpp_tp.to_vec(), 2),
+        ("tpp2xtp2", tpp2(&["--tp", "2"]), 2),
+        ("tpp2xsp2", tpp2(&["--ulysses_size", "2"]), 2),
+        ("tpp2xfsdp2", tpp2(&["--ulysses_size", "2", "--fsdp"]), 2),
     ] {
         let (got, mp4, log) = generate_clips(name, &layout, clips);
         let err = rel_l2(&got, &want[..got.len()]);
