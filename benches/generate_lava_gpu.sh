@@ -4,7 +4,8 @@
 # weights, and the decoding rank streams frames to the launcher, which writes the MP4 with the
 # audio. MODE `smoke` (one GPU): the tiny model on CUDA, then s2v-14b on one GPU for one clip.
 # MODE `multi` (4 GPUs): s2v-14b on one GPU (the reference), TPP 4 stages with the VAE
-# co-located on the last, and tensor parallel 4 in one stage, 3 clips each at 704×384; then
+# co-located on the last, tensor parallel 4 in one stage, and 2 stages × tp 2, 3 clips each at
+# 704×384; then
 # the 4-GPU latents against the one-GPU run (bf16, rel L2 ≤ 1e-2) and a short table.
 # BIN holds `lava`, `lava-worker` (built with --features cudnn) and ffmpeg.xz (a static
 # ffmpeg; the GPU machine has none). Each step runs whatever the previous did (set +e).
@@ -56,8 +57,9 @@ multi)
   step single 150 "${s2v[@]}" --gpus 1xH200 --num_gpus_dit 1 --enable_vae_parallel false --num_clip 3
   step tpp4 180 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --enable_vae_parallel false --num_clip 3
   step tp4 180 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --tp 4 --enable_vae_parallel false --num_clip 3
+  step tpp2tp2 150 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --tp 2 --enable_vae_parallel false --num_clip 3
   echo "== latents against the one-GPU run" | tee -a "$LOG/steps.txt"
-  for l in tpp4 tp4; do
+  for l in tpp4 tp4 tpp2tp2; do
     python3 - "$LOG/single.f32" "$LOG/$l.f32" "$l" <<'EOF' 2>&1 | tee -a "$LOG/steps.txt"
 import sys, numpy as np
 a = np.fromfile(sys.argv[1], dtype="<f4").astype(np.float64)
@@ -77,5 +79,5 @@ cat "$LOG/steps.txt"
 for f in "$LOG"/*.txt; do
   case $f in */steps.txt|*/env.txt) continue ;; esac
   echo "-- $(basename "$f" .txt)"
-  grep -E 'summary|stage [0-9]+:|decode:|slowest|measured|loaded|wrote|error' "$f" | tail -16
+  grep -E 'summary|stage [0-9]+:|decode:|slowest|measured|loaded|wrote|error|VAE encode' "$f" | tail -18
 done

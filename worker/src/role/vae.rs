@@ -36,9 +36,24 @@ pub struct BlockFrames {
 /// `(ref [C, 1, h, w], motion [C, 19, h, w])`: the encodings of the reference image alone and
 /// repeated 73 times (§4.6, TPP).
 pub fn encode_conditions(vae: &WanVae, p: &Prepared) -> Result<(Tensor, Tensor)> {
-    let image = p.image.to_device(&vae.device())?;
+    let dev = vae.device();
+    // The encode's own peak above what this rank held before it (the plan's "VAE encode
+    // workspace"): the generation's tracker peak was reset at its start and nothing larger
+    // than the inputs was allocated since.
+    let tracker = runtime::memory::MemoryTracker::for_device(&dev);
+    let held = tracker.stats().total_live;
+    let t0 = Instant::now();
+    let image = p.image.to_device(&dev)?;
     let r = vae.encode_repeated(&image, 1)?.squeeze(0)?;
     let m = vae.encode_repeated(&image, MOTION_FRAMES)?.squeeze(0)?;
+    dev.synchronize()?;
+    let peak = tracker.stats().total_peak.saturating_sub(held);
+    log!(
+        "VAE encode of the reference and the {MOTION_FRAMES}-frame motion context: {:.0} ms, peak {:.1} MiB above the {:.1} MiB held",
+        t0.elapsed().as_secs_f64() * 1e3,
+        peak as f64 / 1048576.0,
+        held as f64 / 1048576.0
+    );
     Ok((r, m))
 }
 
