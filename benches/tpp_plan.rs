@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use planner::memory::{Component, Item, Phase, RankMemory};
+use planner::memory::{Component, Item, RankMemory};
 use planner::size::{AspectSource, Resolution, SizeArg, resolve};
 use planner::{Catalog, Layout, LayoutKind, ModelSpec, Request, T5Placement, VaePlacement};
 use runtime::memory::{Category, MemoryStats, category_of, planned_bytes};
@@ -93,16 +93,13 @@ pub fn predict(
     };
     let (kept, dropped): (Vec<Item>, Vec<Item>) =
         r.items.iter().cloned().partition(|i| built(i.component));
-    let mem = RankMemory { items: kept };
-    let phase = |p: Phase| mem.phase_sum(p);
-    let transient = [Phase::Startup, Phase::DitCall, Phase::VaeDecode]
-        .into_iter()
-        .map(phase)
-        .max()
-        .unwrap_or(0);
+    let mem = RankMemory {
+        items: kept,
+        stream_after_startup: true,
+    };
     Ok(RankPrediction {
         per_category: planned_bytes(&mem),
-        peak: phase(Phase::Resident) + transient,
+        peak: mem.peak(),
         plan_peak: r.peak_bytes,
         left_out: dropped
             .iter()

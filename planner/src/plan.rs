@@ -88,6 +88,8 @@ pub struct RankPlan {
     pub items: Vec<Item>,
     pub resident_bytes: u64,
     pub worst_phase: Phase,
+    /// Resident stream state not yet allocated when the startup phase sets the peak.
+    pub absent_at_startup_bytes: u64,
     /// Resident + worst phase (model components only).
     pub peak_bytes: u64,
     /// GPU memory minus context, workspaces and allocator reserve.
@@ -297,6 +299,11 @@ fn rank_plan(rank: u64, role: &Role, mem: RankMemory, gpu: &Gpu) -> RankPlan {
     let resident = mem.resident();
     let (worst_phase, _) = mem.worst_phase();
     let peak = mem.peak();
+    let absent_at_startup = if worst_phase == Phase::Startup {
+        mem.absent_at_startup()
+    } else {
+        0
+    };
     let mut items = mem.items;
     for (component, bytes, detail) in [
         (
@@ -329,6 +336,7 @@ fn rank_plan(rank: u64, role: &Role, mem: RankMemory, gpu: &Gpu) -> RankPlan {
         gpu: gpu.name.clone(),
         items,
         resident_bytes: resident,
+        absent_at_startup_bytes: absent_at_startup,
         worst_phase,
         peak_bytes: peak,
         usable_bytes: gpu.usable_bytes(),

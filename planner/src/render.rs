@@ -130,9 +130,17 @@ pub fn ranks(p: &Plan) -> String {
             );
         }
         let peak = first.peak_bytes;
+        let before = if first.absent_at_startup_bytes > 0 {
+            format!(
+                " less {:.3} GB of caches not yet allocated",
+                gb(first.absent_at_startup_bytes)
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "  {:<32} {:<10} {:>9.3} {:>9.3}   resident {:.3} GB + {} phase",
+            "  {:<32} {:<10} {:>9.3} {:>9.3}   resident {:.3} GB{before} + {} phase",
             "peak",
             "",
             gb(peak),
