@@ -9,7 +9,10 @@
 # the 4-GPU latents against the one-GPU run (bf16, rel L2 ≤ 1e-2) and a short table.
 # BIN holds `lava`, `lava-worker` (built with --features cudnn) and ffmpeg.xz (a static
 # ffmpeg; the GPU machine has none). Each step runs whatever the previous did (set +e).
-#   usage: benches/generate_lava_gpu.sh BIN OUT smoke|multi
+# MODE `checks` (4 GPUs): TPP 4 and TP 4 again (planned vs measured memory as printed), a
+# SIGKILL of a middle stage mid-generation, and a tiny checkpoint folder read locally by every
+# rank vs read by rank 0 only and sent over NCCL (--weights_from_rank0): identical latents.
+#   usage: benches/generate_lava_gpu.sh BIN OUT smoke|multi|checks
 set -uo pipefail
 BIN=$(cd "${1:?binary folder}" && pwd)
 OUT=${2:?output folder}
@@ -71,6 +74,43 @@ print(f"COMPARE {sys.argv[3]} vs single: {n} values, rel L2 {rel:.3e}, sizes equ
       f"finite {np.isfinite(b).all()}, {'PASS' if ok and rel <= 1e-2 else 'FAIL'} (tol 1e-2)")
 EOF
   done
+  ;;
+checks)
+  # The plan's per-rank peaks as lava generate prints them beside the measured ones.
+  step tpp4 180 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --enable_vae_parallel false --num_clip 3
+  step tp4 180 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --tp 4 --enable_vae_parallel false --num_clip 3
+  # SIGKILL of a middle stage (rank 2) of a TPP 4 job after its second block: the whole job
+  # must end within 10 s with peer-lost (exit 5) naming rank 2, and leave no worker behind.
+  log=$LOG/kill.txt
+  "$BIN/lava" generate --worker-bin "$BIN/lava-worker" --image "$data/boy.jpg" --audio "$LOG/speech.wav" \
+    --save_file "$LOG/kill.mp4" "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --enable_vae_parallel false \
+    --num_clip 3 > "$log" 2>&1 &
+  lp=$!
+  for _ in $(seq 900); do grep -q "blocks 2/" "$log" && break; sleep 0.2; done
+  victim=$(grep -oP "rank 2 registered: \w+, pid \K[0-9]+" "$log" | head -1)
+  t0=$(date +%s.%N)
+  kill -9 "$victim"
+  wait $lp
+  rc=$?
+  t1=$(date +%s.%N)
+  left=$(pgrep -c lava-worker)
+  echo "kill: rank 2 (pid $victim) killed; lava exit $rc after $(python3 -c "print(round($t1 - $t0, 2))") s; workers left: $left" | tee -a "$LOG/steps.txt"
+  grep -E "lava: error|exit code" "$log" | sed 's/^/kill: /' | tee -a "$LOG/steps.txt"
+  # A tiny checkpoint folder (the committed fixtures, as tests/generate_ckpt.rs assembles it),
+  # read by every rank, then only by rank 0 with the other ranks receiving over NCCL.
+  f=tests/fixtures
+  ck=/tmp/lava-ckpt/Wan2.2-S2V-14B
+  mkdir -p "$ck/google/umt5-xxl" "$ck/wav2vec2-large-xlsr-53-english"
+  cp $f/dit_tiny/checkpoint/*.json $f/dit_tiny/checkpoint/*.safetensors "$ck/"
+  cp $f/vae_tiny/Wan2.1_VAE.pth $f/t5_tiny/models_t5_umt5-xxl-enc-bf16.pth "$ck/"
+  cp $f/t5_tiny/tokenizer/tokenizer.json "$ck/google/umt5-xxl/"
+  cp $f/wav2vec2_tiny/config.json $f/wav2vec2_tiny/model.safetensors "$ck/wav2vec2-large-xlsr-53-english/"
+  tiny=(--model tiny --backend cuda --size '128*64' --gpus 3xH200 --num_gpus_dit 2 --tp 2 --enable_vae_parallel
+        --ckpt_dir "$ck" --lora_path_dmd $f/dit_tiny/lora/liveavatar.safetensors --num_clip 2)
+  step ckpt_local 120 "${tiny[@]}"
+  step ckpt_rank0 120 "${tiny[@]}" --weights_from_rank0
+  grep -h "receiv\|serv" "$LOG/ckpt_rank0.txt" | head -6 | sed 's/^/ckpt_rank0: /' >> "$LOG/steps.txt"
+  cmp "$LOG/ckpt_local.f32" "$LOG/ckpt_rank0.f32" && echo "COMPARE ckpt_rank0 vs ckpt_local: identical latents" | tee -a "$LOG/steps.txt"
   ;;
 esac
 
