@@ -389,9 +389,12 @@ impl Loaded {
                 .copied()
                 .filter(|&d| d != topo.rank)
                 .collect();
+            // The encoders hand back host tensors; NCCL moves device memory only.
+            let dev = self.vae.as_deref().map_or(Device::Cpu, |v| v.device());
+            let (context, audio) = (p.context.to_device(&dev)?, p.audio.to_device(&dev)?);
             for &peer in &peers {
-                send_tensor(comm, &p.context, peer)?;
-                send_tensor(comm, &p.audio, peer)?;
+                send_tensor(comm, &context, peer)?;
+                send_tensor(comm, &audio, peer)?;
             }
             log!(
                 "encoded the prompt (umT5) and the audio (wav2vec2, {} frames) once, sent to ranks {peers:?}",
