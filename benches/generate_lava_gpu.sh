@@ -12,7 +12,8 @@
 # MODE `checks` (4 GPUs): TPP 4 and TP 4 again (planned vs measured memory as printed), a
 # SIGKILL of a middle stage mid-generation, and a tiny checkpoint folder read locally by every
 # rank vs read by rank 0 only and sent over NCCL (--weights_from_rank0): identical latents.
-#   usage: benches/generate_lava_gpu.sh BIN OUT smoke|multi|checks
+# MODE `ckpt` (3 GPUs): only that checkpoint comparison.
+#   usage: benches/generate_lava_gpu.sh BIN OUT smoke|multi|checks|ckpt
 set -uo pipefail
 BIN=$(cd "${1:?binary folder}" && pwd)
 OUT=${2:?output folder}
@@ -48,6 +49,24 @@ step() { # name, wall limit (s), lava generate arguments…
   echo "$name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG/$name.txt" "$LOG/steps.txt"
   ffmpeg -hide_banner -i "$LOG/$name.mp4" 2>&1 | grep -E 'Duration|Stream' | sed "s/^/$name mp4: /" >> "$LOG/steps.txt"
   pgrep -a lava-worker >> "$LOG/steps.txt" && echo "$name: ORPHAN lava-worker" >> "$LOG/steps.txt"
+}
+
+ckpt_steps() {
+  # A tiny checkpoint folder (the committed fixtures, as tests/generate_ckpt.rs assembles it),
+  # read by every rank, then only by rank 0 with the other ranks receiving over NCCL.
+  f=tests/fixtures
+  ck=/tmp/lava-ckpt/Wan2.2-S2V-14B
+  mkdir -p "$ck/google/umt5-xxl" "$ck/wav2vec2-large-xlsr-53-english"
+  cp $f/dit_tiny/checkpoint/*.json $f/dit_tiny/checkpoint/*.safetensors "$ck/"
+  cp $f/vae_tiny/Wan2.1_VAE.pth $f/t5_tiny/models_t5_umt5-xxl-enc-bf16.pth "$ck/"
+  cp $f/t5_tiny/tokenizer/tokenizer.json "$ck/google/umt5-xxl/"
+  cp $f/wav2vec2_tiny/config.json $f/wav2vec2_tiny/model.safetensors "$ck/wav2vec2-large-xlsr-53-english/"
+  tiny=(--model tiny --backend cuda --size '128*64' --gpus 3xH200 --num_gpus_dit 2 --tp 2 --enable_vae_parallel
+        --ckpt_dir "$ck" --lora_path_dmd $f/dit_tiny/lora/liveavatar.safetensors --num_clip 2)
+  step ckpt_local 120 "${tiny[@]}"
+  step ckpt_rank0 120 "${tiny[@]}" --weights_from_rank0
+  grep -h "received its weights\|served\|encoded the prompt" "$LOG/ckpt_rank0.txt" | head -6 | sed 's/^/ckpt_rank0: /' >> "$LOG/steps.txt"
+  cmp "$LOG/ckpt_local.f32" "$LOG/ckpt_rank0.f32" && echo "COMPARE ckpt_rank0 vs ckpt_local: identical latents" | tee -a "$LOG/steps.txt"
 }
 
 s2v=(--model s2v-14b --backend cuda --size '704*384')
@@ -96,21 +115,10 @@ checks)
   left=$(pgrep -c lava-worker)
   echo "kill: rank 2 (pid $victim) killed; lava exit $rc after $(python3 -c "print(round($t1 - $t0, 2))") s; workers left: $left" | tee -a "$LOG/steps.txt"
   grep -E "lava: error|exit code" "$log" | sed 's/^/kill: /' | tee -a "$LOG/steps.txt"
-  # A tiny checkpoint folder (the committed fixtures, as tests/generate_ckpt.rs assembles it),
-  # read by every rank, then only by rank 0 with the other ranks receiving over NCCL.
-  f=tests/fixtures
-  ck=/tmp/lava-ckpt/Wan2.2-S2V-14B
-  mkdir -p "$ck/google/umt5-xxl" "$ck/wav2vec2-large-xlsr-53-english"
-  cp $f/dit_tiny/checkpoint/*.json $f/dit_tiny/checkpoint/*.safetensors "$ck/"
-  cp $f/vae_tiny/Wan2.1_VAE.pth $f/t5_tiny/models_t5_umt5-xxl-enc-bf16.pth "$ck/"
-  cp $f/t5_tiny/tokenizer/tokenizer.json "$ck/google/umt5-xxl/"
-  cp $f/wav2vec2_tiny/config.json $f/wav2vec2_tiny/model.safetensors "$ck/wav2vec2-large-xlsr-53-english/"
-  tiny=(--model tiny --backend cuda --size '128*64' --gpus 3xH200 --num_gpus_dit 2 --tp 2 --enable_vae_parallel
-        --ckpt_dir "$ck" --lora_path_dmd $f/dit_tiny/lora/liveavatar.safetensors --num_clip 2)
-  step ckpt_local 120 "${tiny[@]}"
-  step ckpt_rank0 120 "${tiny[@]}" --weights_from_rank0
-  grep -h "receiv\|serv" "$LOG/ckpt_rank0.txt" | head -6 | sed 's/^/ckpt_rank0: /' >> "$LOG/steps.txt"
-  cmp "$LOG/ckpt_local.f32" "$LOG/ckpt_rank0.f32" && echo "COMPARE ckpt_rank0 vs ckpt_local: identical latents" | tee -a "$LOG/steps.txt"
+  ckpt_steps
+  ;;
+ckpt)
+  ckpt_steps
   ;;
 esac
 
