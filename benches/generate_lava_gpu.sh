@@ -66,7 +66,19 @@ ckpt_steps() {
   step ckpt_local 120 "${tiny[@]}"
   step ckpt_rank0 120 "${tiny[@]}" --weights_from_rank0
   grep -h "received its weights\|served\|encoded the prompt" "$LOG/ckpt_rank0.txt" | head -6 | sed 's/^/ckpt_rank0: /' >> "$LOG/steps.txt"
-  cmp "$LOG/ckpt_local.f32" "$LOG/ckpt_rank0.f32" && echo "COMPARE ckpt_rank0 vs ckpt_local: identical latents" | tee -a "$LOG/steps.txt"
+  step ckpt_local2 120 "${tiny[@]}"
+  # bf16 on GPUs: the same load twice shows the run-to-run spread to set the transfer against.
+  for pair in "ckpt_local ckpt_rank0" "ckpt_local ckpt_local2"; do
+    set -- $pair
+    python3 - "$LOG/$1.f32" "$LOG/$2.f32" "$2 vs $1" <<'PY' 2>&1 | tee -a "$LOG/steps.txt"
+import sys, numpy as np
+a = np.fromfile(sys.argv[1], dtype="<f4").astype(np.float64)
+b = np.fromfile(sys.argv[2], dtype="<f4").astype(np.float64)
+same = a.size == b.size and bool((a == b).all())
+rel = np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-30) if a.size == b.size else float("nan")
+print(f"COMPARE {sys.argv[3]}: {a.size} values, identical {same}, rel L2 {rel:.3e}")
+PY
+  done
 }
 
 s2v=(--model s2v-14b --backend cuda --size '704*384')
