@@ -25,60 +25,17 @@ fn data(name: &str) -> String {
     format!("{}/../media/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-const SHARD1: &str = "diffusion_pytorch_model-00001-of-00002.safetensors";
-const SHARD2: &str = "diffusion_pytorch_model-00002-of-00002.safetensors";
+use lava_tests::ckpt_folder::{SHARDS, tiny_checkpoint_folder};
+
+const SHARD1: &str = SHARDS[0];
+const SHARD2: &str = SHARDS[1];
 
 /// A fresh folder `name` under the temp dir with the tiny checkpoint, and the LoRA beside it.
 fn tiny_folder(name: &str) -> (PathBuf, PathBuf) {
     let root = std::env::temp_dir().join(format!("lava-ckpt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let dir = root.join("Wan2.2-S2V-14B");
-    let tok = dir.join("google/umt5-xxl");
-    let w2v = dir.join("wav2vec2-large-xlsr-53-english");
-    for d in [&tok, &w2v] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let f = fixtures();
-    let copies: [(PathBuf, PathBuf); 10] = [
-        (
-            f.join("dit_tiny/checkpoint/config.json"),
-            dir.join("config.json"),
-        ),
-        (
-            f.join("dit_tiny/checkpoint/diffusion_pytorch_model.safetensors.index.json"),
-            dir.join("diffusion_pytorch_model.safetensors.index.json"),
-        ),
-        (f.join("dit_tiny/checkpoint").join(SHARD1), dir.join(SHARD1)),
-        (f.join("dit_tiny/checkpoint").join(SHARD2), dir.join(SHARD2)),
-        (
-            f.join("vae_tiny/Wan2.1_VAE.pth"),
-            dir.join("Wan2.1_VAE.pth"),
-        ),
-        (
-            f.join("t5_tiny/models_t5_umt5-xxl-enc-bf16.pth"),
-            dir.join("models_t5_umt5-xxl-enc-bf16.pth"),
-        ),
-        (
-            f.join("t5_tiny/tokenizer/tokenizer.json"),
-            tok.join("tokenizer.json"),
-        ),
-        (f.join("wav2vec2_tiny/config.json"), w2v.join("config.json")),
-        (
-            f.join("wav2vec2_tiny/model.safetensors"),
-            w2v.join("model.safetensors"),
-        ),
-        (
-            f.join("dit_tiny/lora/liveavatar.safetensors"),
-            root.join("liveavatar.safetensors"),
-        ),
-    ];
-    for (from, to) in &copies {
-        std::fs::copy(from, to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
-    }
-    (dir, root.join("liveavatar.safetensors"))
+    tiny_checkpoint_folder(&fixtures(), &root).unwrap()
 }
 
-/// Rewrites a safetensors header with `edit` (the data bytes stay as they are).
 fn edit_header(path: &Path, edit: impl Fn(&str, &mut serde_json::Value)) {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
+pub mod ckpt_folder;
+
 /// The folder holding `lava` and `lava-worker`, which the process tests spawn: `LAVA_BIN_DIR`
 /// when set, else the calling test binary's `target/<profile>` after building both there.
 pub fn bin_dir() -> &'static PathBuf {

@@ -16,53 +16,16 @@ use super::*;
 use crate::role::topology::{Topology, tests::layout_of};
 use crate::role::{Job, Loaded};
 
-const SHARD1: &str = "diffusion_pytorch_model-00001-of-00002.safetensors";
+#[path = "../../../../tests/src/ckpt_folder.rs"]
+mod ckpt_folder;
+
+const SHARD1: &str = ckpt_folder::SHARDS[0];
 
 /// A fresh tiny checkpoint folder under the temp dir, and the LoRA beside it.
 fn tiny_folder(tag: &str) -> (PathBuf, PathBuf) {
     let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let root = std::env::temp_dir().join(format!("lava-scatter-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let dir = root.join("Wan2.2-S2V-14B");
-    let (tok, w2v) = (dir.join(ckpt::TOKENIZER_DIR), dir.join(ckpt::WAV2VEC2_DIR));
-    for d in [&tok, &w2v] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let dit = f.join("dit_tiny/checkpoint");
-    let copies = [
-        (dit.join("config.json"), dir.join("config.json")),
-        (dit.join(INDEX_NAME), dir.join(INDEX_NAME)),
-        (dit.join(SHARD1), dir.join(SHARD1)),
-        (
-            dit.join("diffusion_pytorch_model-00002-of-00002.safetensors"),
-            dir.join("diffusion_pytorch_model-00002-of-00002.safetensors"),
-        ),
-        (
-            f.join("vae_tiny").join(ckpt::VAE_FILE),
-            dir.join(ckpt::VAE_FILE),
-        ),
-        (
-            f.join("t5_tiny").join(ckpt::T5_FILE),
-            dir.join(ckpt::T5_FILE),
-        ),
-        (
-            f.join("t5_tiny/tokenizer/tokenizer.json"),
-            tok.join("tokenizer.json"),
-        ),
-        (f.join("wav2vec2_tiny/config.json"), w2v.join("config.json")),
-        (
-            f.join("wav2vec2_tiny/model.safetensors"),
-            w2v.join("model.safetensors"),
-        ),
-        (
-            f.join("dit_tiny/lora/liveavatar.safetensors"),
-            root.join("liveavatar.safetensors"),
-        ),
-    ];
-    for (from, to) in &copies {
-        std::fs::copy(from, to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
-    }
-    (dir, root.join("liveavatar.safetensors"))
+    ckpt_folder::tiny_checkpoint_folder(&f, &root).unwrap()
 }
 
 fn request(dir: &Path, lora: &Path, from_rank0: bool) -> CkptRequest {
