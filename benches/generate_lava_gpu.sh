@@ -12,8 +12,9 @@
 # MODE `checks` (4 GPUs): TPP 4 and TP 4 again (planned vs measured memory as printed), a
 # SIGKILL of a middle stage mid-generation, and a tiny checkpoint folder read locally by every
 # rank vs read by rank 0 only and sent over NCCL (--weights_from_rank0): identical latents.
-# MODE `ckpt` (3 GPUs): only that checkpoint comparison.
-#   usage: benches/generate_lava_gpu.sh BIN OUT smoke|multi|checks|ckpt
+# MODE `ckpt` (3 GPUs): only that checkpoint comparison. MODE `layouts` (4 GPUs): TPP 2 ×
+# Ulysses 2, Ulysses 4 with FSDP, TPP 2 × layer pipeline 2, each against one GPU.
+#   usage: benches/generate_lava_gpu.sh BIN OUT smoke|multi|checks|ckpt|layouts
 set -uo pipefail
 BIN=$(cd "${1:?binary folder}" && pwd)
 OUT=${2:?output folder}
@@ -81,6 +82,22 @@ PY
   done
 }
 
+against_single() { # layouts whose latents are compared with the one-GPU run's
+  echo "== latents against the one-GPU run" | tee -a "$LOG/steps.txt"
+  for l in "$@"; do
+    python3 - "$LOG/single.f32" "$LOG/$l.f32" "$l" <<'PY' 2>&1 | tee -a "$LOG/steps.txt"
+import sys, numpy as np
+a = np.fromfile(sys.argv[1], dtype="<f4").astype(np.float64)
+b = np.fromfile(sys.argv[2], dtype="<f4").astype(np.float64)
+n = min(a.size, b.size)
+ok = a.size == b.size and n > 0
+rel = np.linalg.norm(b[:n] - a[:n]) / max(np.linalg.norm(a[:n]), 1e-30) if n else float("nan")
+print(f"COMPARE {sys.argv[3]} vs single: {n} values, rel L2 {rel:.3e}, sizes equal {ok}, "
+      f"finite {np.isfinite(b).all()}, {'PASS' if ok and rel <= 1e-2 else 'FAIL'} (tol 1e-2)")
+PY
+  done
+}
+
 s2v=(--model s2v-14b --backend cuda --size '704*384')
 case $MODE in
 smoke)
@@ -92,19 +109,16 @@ multi)
   step tpp4 180 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --enable_vae_parallel false --num_clip 3
   step tp4 180 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --tp 4 --enable_vae_parallel false --num_clip 3
   step tpp2tp2 150 "${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --tp 2 --enable_vae_parallel false --num_clip 3
-  echo "== latents against the one-GPU run" | tee -a "$LOG/steps.txt"
-  for l in tpp4 tp4 tpp2tp2; do
-    python3 - "$LOG/single.f32" "$LOG/$l.f32" "$l" <<'EOF' 2>&1 | tee -a "$LOG/steps.txt"
-import sys, numpy as np
-a = np.fromfile(sys.argv[1], dtype="<f4").astype(np.float64)
-b = np.fromfile(sys.argv[2], dtype="<f4").astype(np.float64)
-n = min(a.size, b.size)
-ok = a.size == b.size and n > 0
-rel = np.linalg.norm(b[:n] - a[:n]) / max(np.linalg.norm(a[:n]), 1e-30) if n else float("nan")
-print(f"COMPARE {sys.argv[3]} vs single: {n} values, rel L2 {rel:.3e}, sizes equal {ok}, "
-      f"finite {np.isfinite(b).all()}, {'PASS' if ok and rel <= 1e-2 else 'FAIL'} (tol 1e-2)")
-EOF
-  done
+  against_single tpp4 tp4 tpp2tp2
+  ;;
+layouts)
+  # The other layer types and their compositions through lava generate, against one GPU.
+  step single 150 "${s2v[@]}" --gpus 1xH200 --num_gpus_dit 1 --enable_vae_parallel false --num_clip 3
+  d4=("${s2v[@]}" --gpus 4xH200 --num_gpus_dit 4 --enable_vae_parallel false --num_clip 3)
+  step tpp2sp2 150 "${d4[@]}" --ulysses_size 2
+  step sp4fsdp 150 "${d4[@]}" --ulysses_size 4 --fsdp
+  step tpp2pp2 150 "${d4[@]}" --pp 2
+  against_single tpp2sp2 sp4fsdp tpp2pp2
   ;;
 checks)
   # The plan's per-rank peaks as lava generate prints them beside the measured ones.
