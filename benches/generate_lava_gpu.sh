@@ -2,7 +2,7 @@
 # `lava generate` itself on GPUs: the launcher spawns one lava-worker per GPU, the ranks form an
 # NCCL communicator from rank 0's id, load the full-size s2v-14b in bf16 from seeded random
 # weights, and the decoding rank streams frames to the launcher, which writes the MP4 with the
-# audio. MODE `smoke` (one GPU): the tiny model on CUDA, then s2v-14b on one GPU for one clip.
+# audio. MODE `smoke` (one H100): the tiny model on CUDA, then s2v-14b on one GPU for two clips at 480×256.
 # MODE `multi` (4 GPUs): s2v-14b on one GPU (the reference), TPP 4 stages with the VAE
 # co-located on the last, tensor parallel 4 in one stage, and 2 stages × tp 2, 3 clips each at
 # 704×384; then
@@ -18,7 +18,7 @@
 set -uo pipefail
 BIN=$(cd "${1:?binary folder}" && pwd)
 OUT=${2:?output folder}
-MODE=${3:?smoke or multi}
+MODE=${3:?smoke, multi, checks, ckpt or layouts}
 LOG="$OUT/generate"
 mkdir -p "$LOG"
 source "$(dirname "$0")/device_env.sh"
