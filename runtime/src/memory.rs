@@ -380,6 +380,7 @@ mod tests {
                 item(Component::LibraryWorkspace, Phase::DitCall, 50),
                 item(Component::CudaContext, Phase::Resident, 5000),
             ],
+            stream_after_startup: true,
         };
         let p = planned_bytes(&mem);
         assert_eq!(p[Category::Weights.index()].1, 1000);
