@@ -31,6 +31,8 @@ use crate::spawn::{self, Ranks, WorkerSpec};
 
 /// Consecutive failed heartbeats after which a launcher declares the master lost.
 const MASTER_MISSES: u32 = 3;
+/// How long a failed call waits for the death of the rank it may be the echo of.
+const DEATH_GRACE: Duration = Duration::from_secs(2);
 
 /// Start the job's workers, bring every rank to ready, and supervise them until SIGTERM or
 /// SIGINT (clean drain, exit 0) or until a rank dies (exit 5, peer lost).
@@ -373,6 +375,9 @@ impl Job {
                     return match done {
                         Ok(value) => Ok(Some(value)),
                         Err(e) => {
+                            if let Some(dead) = self.death_behind(&e).await {
+                                return Err(dead);
+                            }
                             self.ranks.terminate().await;
                             Err(e)
                         }
@@ -400,6 +405,30 @@ impl Job {
                         return Err(e);
                     }
                 }
+            }
+        }
+    }
+
+    /// A failed call (a lost peer, a broken transport) is often the echo of a rank that died:
+    /// its peers saw the closed link before this launcher reaped the process. Waits up to
+    /// [`DEATH_GRACE`] for a local rank's unclean exit and, if one comes, ends the job naming
+    /// that rank instead.
+    async fn death_behind(&mut self, e: &Error) -> Option<Error> {
+        if !matches!(e.kind(), ErrorKind::PeerLost | ErrorKind::Internal) {
+            return None;
+        }
+        let deadline = tokio::time::sleep(DEATH_GRACE);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                exit = self.ranks.exits.recv() => {
+                    let exit = exit?;
+                    if !exit.status.as_ref().is_ok_and(ExitStatus::success) {
+                        return Some(self.ranks.fail(exit).await);
+                    }
+                    self.ranks.reap(exit.rank).await;
+                }
+                _ = &mut deadline => return None,
             }
         }
     }
