@@ -13,8 +13,8 @@ pub struct Need {
     pub gpu: String,
     /// The GPU's memory as the catalog gives it.
     pub capacity_bytes: u64,
-    /// The rank's predicted peak less the CUDA context (already created when free memory is
-    /// read).
+    /// The rank's predicted peak: its own bytes, without the CUDA context (already created
+    /// when free memory is read), library workspaces and allocator reserve.
     pub peak_bytes: u64,
 }
 
@@ -23,18 +23,10 @@ impl Need {
     pub fn of(plan: &planner::Plan) -> Vec<Need> {
         plan.ranks
             .iter()
-            .map(|r| {
-                let context: u64 = r
-                    .items
-                    .iter()
-                    .filter(|i| i.component == planner::Component::CudaContext)
-                    .map(|i| i.bytes)
-                    .sum();
-                Need {
-                    gpu: r.gpu.clone(),
-                    capacity_bytes: r.capacity_bytes,
-                    peak_bytes: r.peak_bytes.saturating_sub(context),
-                }
+            .map(|r| Need {
+                gpu: r.gpu.clone(),
+                capacity_bytes: r.capacity_bytes,
+                peak_bytes: r.peak_bytes,
             })
             .collect()
     }

@@ -132,7 +132,6 @@ pub fn run(a: &GenerateArgs) -> ExitCode {
     let setup = Setup {
         backend: backend(a, &model.name).to_string(),
         model_ref,
-        planned_peak: plan.ranks.iter().map(|r| r.peak_bytes).collect(),
         needs: crate::fit::Need::of(&plan),
         labels: plan.ranks.iter().map(|r| r.role_label.clone()).collect(),
         roles,
@@ -160,10 +159,10 @@ struct Setup {
     /// What every rank loads (the tiny model, or the checkpoint folder).
     model_ref: pb::ModelRef,
     roles: Vec<pb::RankRole>,
-    /// The plan's peak prediction and role label of every rank.
-    planned_peak: Vec<u64>,
-    /// What the plan assumed of every rank's GPU (checked against the registrations).
+    /// What the plan assumed of every rank's GPU and predicts as its peak (checked against
+    /// the registrations, and beside the measured peaks at the end).
     needs: Vec<crate::fit::Need>,
+    /// The plan's role label of every rank.
     labels: Vec<String>,
     image: PathBuf,
     width: u32,
@@ -365,7 +364,7 @@ async fn coordinate(
         ranks.push((
             format!("rank {i} ({label})"),
             r.peak_memory_bytes.max(load),
-            s.planned_peak.get(i).copied().unwrap_or(0),
+            s.needs.get(i).map_or(0, |n| n.peak_bytes),
         ));
     }
     for line in progress.summary(total, &ranks) {
