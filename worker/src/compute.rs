@@ -303,18 +303,24 @@ fn run(device: Device, rx: mpsc::Receiver<Command>) {
                 reply,
             } => {
                 tracker.reset_peak();
-                // One rank alone has no communicator; the solo group answers every collective.
-                let solo = runtime::parallel::solo();
-                let outcome = match (&model, &comm) {
-                    (Some(m), Some((c, _))) => m
-                        .generate(c.as_ref(), &topology, &job, frames)
-                        .map(|g| (g, peak(&tracker))),
-                    (Some(m), None) => m
-                        .generate(solo.as_ref(), &topology, &job, frames)
-                        .map(|g| (g, peak(&tracker))),
-                    _ => Err((
+                let outcome = match &model {
+                    Some(m) => {
+                        // One rank alone has no communicator; the solo group answers every
+                        // collective.
+                        let solo;
+                        let c: &dyn Comm = match &comm {
+                            Some((c, _)) => c.as_ref(),
+                            None => {
+                                solo = runtime::parallel::solo();
+                                solo.as_ref()
+                            }
+                        };
+                        m.generate(c, &topology, &job, frames)
+                            .map(|g| (g, peak(&tracker)))
+                    }
+                    None => Err((
                         ErrorKind::WrongState,
-                        "Generate needs Init (communicator) and Load first".to_string(),
+                        "Generate needs Init and Load first".to_string(),
                     )),
                 };
                 let _ = reply.send(outcome);
