@@ -124,22 +124,8 @@ struct Parsed {
     workload: Workload,
 }
 
-fn load_model(name: &str) -> Result<ModelSpec, PlanError> {
-    if ModelSpec::builtin_names().contains(&name) {
-        return ModelSpec::builtin(name);
-    }
-    let text = std::fs::read_to_string(name).map_err(|e| PlanError::ModelSpec {
-        name: name.into(),
-        reason: format!(
-            "not a built-in model ({}) and not a readable file: {e}",
-            ModelSpec::builtin_names().join(", ")
-        ),
-    })?;
-    ModelSpec::from_toml(name, &text)
-}
-
 fn parse_common(a: &PlanArgs) -> Result<Parsed, PlanError> {
-    let mut model = load_model(&a.model)?;
+    let mut model = proto::plan::model_spec(&a.model)?;
     let catalog = Catalog::builtin()?;
     let gpus = catalog.parse_gpus(&a.gpus)?;
     let size = SizeArg::parse(&a.size)?;

@@ -3,9 +3,26 @@
 //! receives exactly the layout the planner checked.
 
 use planner::layout::{Layout, Role, VaePlacement, colocated_vae_rank};
+use planner::{ModelSpec, PlanError};
 
 use crate::worker::v1::{self as pb, rank_role};
 use crate::{Error, ErrorKind, Result};
+
+/// The model a `--model` flag or a `ModelRef.name` names: a built-in model, or a model spec
+/// TOML file read on this node (the launcher plans with it, every worker loads it).
+pub fn model_spec(name: &str) -> std::result::Result<ModelSpec, PlanError> {
+    if ModelSpec::builtin_names().contains(&name) {
+        return ModelSpec::builtin(name);
+    }
+    let text = std::fs::read_to_string(name).map_err(|e| PlanError::ModelSpec {
+        name: name.into(),
+        reason: format!(
+            "not a built-in model ({}) and not a readable file: {e}",
+            ModelSpec::builtin_names().join(", ")
+        ),
+    })?;
+    ModelSpec::from_toml(name, &text)
+}
 
 fn small(what: &str, v: u64) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Unattributed {

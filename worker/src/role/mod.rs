@@ -84,20 +84,6 @@ impl Prepared {
     }
 }
 
-/// The model spec a ModelRef names: a built-in model, or a model spec TOML file on this node.
-pub fn model_spec(name: &str) -> Result<ModelSpec> {
-    if ModelSpec::builtin_names().contains(&name) {
-        return Ok(ModelSpec::builtin(name)?);
-    }
-    let text = std::fs::read_to_string(name).with_context(|| {
-        format!(
-            "model {name:?} is neither built in ({}) nor a readable spec file",
-            ModelSpec::builtin_names().join(", ")
-        )
-    })?;
-    Ok(ModelSpec::from_toml(name, &text)?)
-}
-
 /// Load and preprocess the job's image and audio for `spec` (§10.1, §10.3 timing); the text
 /// context and audio features are the random model's ([`random`]), replaced by the encoders'
 /// on a checkpoint run.
@@ -214,7 +200,8 @@ impl Loaded {
         comm: Option<&dyn Comm>,
         topo: &Topology,
     ) -> Result<Self, crate::compute::Failure> {
-        let spec = model_spec(name).map_err(|e| (proto::ErrorKind::BadInput, format!("{e:#}")))?;
+        let spec = proto::plan::model_spec(name)
+            .map_err(|e| (proto::ErrorKind::BadInput, format!("{e:#}")))?;
         let validated = match ckpt {
             Some(req) => Some(scatter::Plan::agree(req, &spec, comm, device)?),
             None => None,
