@@ -68,6 +68,23 @@ fn on_ranks<T: Send + 'static>(
     ranks.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// This rank's parts of the tiny model from the checkpoint `req` names, on the CPU.
+fn load(
+    req: &CkptRequest,
+    comm: &SocketComm,
+    topo: &Topology,
+) -> Result<Loaded, crate::compute::Failure> {
+    let parts = (topo.stage.is_some(), topo.decodes());
+    Loaded::load(
+        ("tiny", DType::F32),
+        Some(req),
+        parts,
+        Device::Cpu,
+        Some(comm),
+        topo,
+    )
+}
+
 /// Loads with `reqs[rank]` and generates one clip; the decoding rank's final latents.
 fn generate(layout: &[pb::RankEntry], reqs: Vec<CkptRequest>, tag: &str) -> Vec<f32> {
     let path = std::env::temp_dir().join(format!("lava-scatter-{tag}-{}.f32", std::process::id()));
@@ -77,16 +94,7 @@ fn generate(layout: &[pb::RankEntry], reqs: Vec<CkptRequest>, tag: &str) -> Vec<
         ..crate::role::tests::test_job(1)
     };
     on_ranks(layout, move |rank, comm, topo| {
-        let parts = (topo.stage.is_some(), topo.decodes());
-        let m = Loaded::load(
-            ("tiny", DType::F32),
-            Some(&reqs[rank]),
-            parts,
-            Device::Cpu,
-            Some(comm),
-            topo,
-        )
-        .unwrap();
+        let m = load(&reqs[rank], comm, topo).unwrap();
         assert!(m.from_ckpt);
         m.generate(comm, topo, &job, None).unwrap();
     });
@@ -161,16 +169,7 @@ fn a_holders_validation_failure_fails_every_rank_with_its_message() {
     let t0 = Instant::now();
     let reqs = vec![request(&dir, &lora, true); 3];
     let got = on_ranks(&layout, move |rank, comm, topo| {
-        let parts = (topo.stage.is_some(), topo.decodes());
-        Loaded::load(
-            ("tiny", DType::F32),
-            Some(&reqs[rank]),
-            parts,
-            Device::Cpu,
-            Some(comm),
-            topo,
-        )
-        .unwrap_err()
+        load(&reqs[rank], comm, topo).unwrap_err()
     });
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     for (rank, (kind, msg)) in got.iter().enumerate() {
