@@ -38,20 +38,26 @@ pub struct BlockFrames {
 pub fn encode_conditions(vae: &WanVae, p: &Prepared) -> Result<(Tensor, Tensor)> {
     let dev = vae.device();
     // The encode's own peak above what this rank held before it (the plan's "VAE encode
-    // workspace"): the generation's tracker peak was reset at its start and nothing larger
-    // than the inputs was allocated since.
+    // workspace"), seen only when it exceeds the generation's peak so far (on a checkpoint
+    // run the encoders ran just before on this rank).
     let tracker = runtime::memory::MemoryTracker::for_device(&dev);
-    let held = tracker.stats().total_live;
+    let before = tracker.stats();
     let t0 = Instant::now();
     let image = p.image.to_device(&dev)?;
     let r = vae.encode_repeated(&image, 1)?.squeeze(0)?;
     let m = vae.encode_repeated(&image, MOTION_FRAMES)?.squeeze(0)?;
     dev.synchronize()?;
-    let peak = tracker.stats().total_peak.saturating_sub(held);
+    let (held, peak) = (before.total_live, tracker.stats().total_peak);
+    let mib = |b: usize| b.saturating_sub(held) as f64 / 1048576.0;
+    let bound = if peak > before.total_peak {
+        ""
+    } else {
+        "at most "
+    };
     log!(
-        "VAE encode of the reference and the {MOTION_FRAMES}-frame motion context: {:.0} ms, peak {:.1} MiB above the {:.1} MiB held",
+        "VAE encode of the reference and the {MOTION_FRAMES}-frame motion context: {:.0} ms, peak {bound}{:.1} MiB above the {:.1} MiB held",
         t0.elapsed().as_secs_f64() * 1e3,
-        peak as f64 / 1048576.0,
+        mib(peak),
         held as f64 / 1048576.0
     );
     Ok((r, m))
